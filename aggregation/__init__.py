@@ -1,0 +1,78 @@
+"""Federated LoRA aggregators: a registry from names to classes.
+
+``register("name")`` refuses duplicates; ``create("name", **kwargs)`` builds one and an
+unknown name gets an error that lists every valid name. This package is pure
+numpy: it imports nothing from Flower, PEFT, torch models or the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aggregation.base import (
+    Aggregation,
+    Aggregator,
+    ClientInfo,
+    ClientUpdate,
+    Downlink,
+    ModelSpec,
+    ModuleShape,
+    Tensors,
+)
+
+_REGISTRY: dict[str, type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register(name: str) -> Callable[[T], T]:
+    """Class decorator: make an aggregator available under ``name``."""
+
+    def decorator(cls: T) -> T:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"aggregator name {name!r} is already registered to {_REGISTRY[name].__name__}"
+            )
+        _REGISTRY[name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorator
+
+
+def names() -> list[str]:
+    """Every registered aggregator name, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aggregator {name!r}; valid names are: {', '.join(names())}"
+        ) from None
+
+
+def create(name: str, **kwargs: Any) -> Aggregator:
+    """Build the aggregator registered under ``name`` with keyword options."""
+    return get_class(name)(**kwargs)  # type: ignore[no-any-return]
+
+
+# Importing the modules registers them. Keep this list in one place.
+from aggregation import fedavg  # noqa: E402,F401
+
+__all__ = [
+    "Aggregation",
+    "Aggregator",
+    "ClientInfo",
+    "ClientUpdate",
+    "Downlink",
+    "ModelSpec",
+    "ModuleShape",
+    "Tensors",
+    "create",
+    "get_class",
+    "names",
+    "register",
+]

@@ -1,0 +1,182 @@
+"""The data that crosses the wire and the protocol every aggregator implements.
+
+Federated LoRA methods disagree about almost everything: what clients upload (A and
+B; B only; an r x r matrix R), what the server sends down (per-client truncated
+factors; a stacked update to fold into the base weights; corrected factors; R only)
+and what persists across rounds. Rather than hiding those differences in conventions
+inside each file, they are explicit data here:
+
+* ``Downlink.adapter``   - factor values the client loads into its adapter;
+                           empty means "start a fresh adapter" (PEFT's default init).
+* ``Downlink.frozen``    - run-constant factors (Fed-SB's A and B, FFA-LoRA's A); the
+                           strategy delivers them once per node, not every round.
+* ``Downlink.trainable`` - which factors the client trains.
+* ``Aggregation.base_update`` - a low-rank ``B @ A`` that every client folds into its
+                           copy of the base weights (FLoRA's stack, FedEx-LoRA's
+                           residual). The strategy keeps the log of these and sends
+                           each node exactly the entries it lacks.
+
+Conventions (all aggregators follow them, the tests check them):
+
+* W is ``d_out x d_in``; ``B`` is ``d_out x r``, ``A`` is ``r x d_in``, ``R`` is ``r x r``.
+* A client's adapter contributes ``s * B @ A`` (or ``s * B @ R @ A``) with
+  ``s = alpha / rank``, PEFT's scaling. Uploads carry the raw, unscaled factors.
+* Server-side math happens on *scale-folded* factors (``s`` multiplied into B or R),
+  so clients with different ranks and alphas mix correctly; ``Downlink.adapter`` is
+  un-folded again for the receiving client's own ``s``.
+* ``global_delta`` returns the global adapter as folded low-rank factors
+  ``{"B": d_out x q, "A": q x d_in}``: the global model is
+  ``W0 + sum(base updates) + B @ A``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Factors = dict[str, np.ndarray]  # {"A": ..., "B": ..., "R": ...}
+Tensors = dict[str, Factors]  # module name -> factors
+
+FACTOR_NAMES = frozenset({"A", "B", "R"})
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """Shape of one adapted weight matrix W (``d_out x d_in``)."""
+
+    d_out: int
+    d_in: int
+
+    def __post_init__(self) -> None:
+        if self.d_out < 1 or self.d_in < 1:
+            raise ValueError(f"module dimensions must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an aggregator needs to know about the model and the run."""
+
+    modules: Mapping[str, ModuleShape]
+    max_rank: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError("ModelSpec needs at least one adapted module")
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server knows about a node before it trains: learnt from the node."""
+
+    node_id: str
+    rank: int
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank} for node {self.node_id}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha} for node {self.node_id}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply: raw (unscaled) factors after local training."""
+
+    node_id: str
+    num_examples: int
+    rank: int
+    alpha: float
+    tensors: Tensors
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_examples < 1:
+            raise ValueError(
+                f"num_examples must be >= 1, got {self.num_examples} for node {self.node_id}"
+            )
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank} for node {self.node_id}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def info(self) -> ClientInfo:
+        return ClientInfo(node_id=self.node_id, rank=self.rank, alpha=self.alpha)
+
+
+@dataclass(frozen=True)
+class Downlink:
+    """What one client receives before it trains (see the module docstring)."""
+
+    adapter: Tensors
+    trainable: frozenset[str]
+    frozen: Tensors = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = self.trainable - FACTOR_NAMES
+        if unknown:
+            raise ValueError(f"unknown trainable factors {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The outcome of one round of aggregation."""
+
+    state: Any
+    base_update: Tensors = field(default_factory=dict)
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """A federated LoRA aggregation method.
+
+    Implementations are pure: no argument is mutated, state objects are replaced,
+    never edited in place, and everything in a state is numpy arrays, numbers and
+    strings (so it serialises for checkpoints).
+    """
+
+    #: factors each client must upload, e.g. {"A", "B"} or {"R"}
+    uplink: frozenset[str]
+    #: adapter architecture the client builds: "lora" (B @ A) or "bra" (B @ R @ A)
+    adapter_kind: str
+
+    def init_state(self, spec: ModelSpec) -> Any: ...
+
+    def downlink(self, state: Any, client: ClientInfo) -> Downlink: ...
+
+    def aggregate(self, state: Any, updates: Sequence[ClientUpdate]) -> Aggregation: ...
+
+    def global_delta(self, state: Any) -> Tensors:
+        """The global adapter as folded factors {"B": d_out x q, "A": q x d_in}."""
+        ...
+
+    def client_delta(self, state: Any, update: ClientUpdate) -> Tensors:
+        """One client's adapter ``s_k * dW_k`` as folded factors {"B", "A"}.
+
+        ``state`` is the state the client trained from (needed where the upload is
+        only part of the adapter, as in Fed-SB and FFA-LoRA).
+        """
+        ...
+
+
+def expected_shapes(
+    kind: str, factors: frozenset[str], shape: ModuleShape, rank: int
+) -> dict[str, tuple[int, int]]:
+    """Shapes of the named factors of a rank-``rank`` adapter on ``shape``."""
+    table = {"A": (rank, shape.d_in), "B": (shape.d_out, rank), "R": (rank, rank)}
+    if kind not in ("lora", "bra"):
+        raise ValueError(f"unknown adapter kind {kind!r}; expected 'lora' or 'bra'")
+    return {name: table[name] for name in sorted(factors)}

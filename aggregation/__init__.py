@@ -7,6 +7,7 @@ numpy: it imports nothing from Flower, PEFT, torch models or the database.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -59,8 +60,19 @@ def create(name: str, **kwargs: Any) -> Aggregator:
     return get_class(name)(**kwargs)  # type: ignore[no-any-return]
 
 
-# Importing the modules registers them. Keep this list in one place.
-from aggregation import fedavg  # noqa: E402,F401
+# Importing a module registers its aggregator. One line per module, kept in one place.
+_BUILTIN_MODULES = (
+    "fedavg",
+    # "flora",
+    # "fedex_lora",
+    # "lora_fair",
+    # "fed_sb",
+    # "ffa_lora",
+    # "flexlora",
+    # "hetlora",
+)
+for _module in _BUILTIN_MODULES:
+    importlib.import_module(f"aggregation.{_module}")
 
 __all__ = [
     "Aggregation",

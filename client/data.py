@@ -1,0 +1,257 @@
+"""Instruction data: loading, held-out split, partitioning, tokenisation.
+
+Sources (``load_examples``):
+  ``chatterbot``         English Q/A pairs in 21 topics from the ``chatterbot-corpus``
+                         package: offline, and non-IID by topic out of the box.
+  ``path.jsonl``         Alpaca-style rows (``instruction``, optional ``input``,
+                         ``output``, optional ``category``); a directory of ``*.jsonl``
+                         files loads them all (``source`` = file name, for ``file``).
+  ``hf:NAME[:SPLIT]``    a Hugging Face dataset with the Alpaca columns (needs the hub).
+
+Partitioners (``partition``), all deterministic given the seed:
+  ``iid``, ``dirichlet:ALPHA`` (over ``category``), ``topic`` (whole categories per
+  client, round-robin), ``file`` (one partition per source file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    category: str = ""
+    source: str = ""
+
+
+# --- sources -----------------------------------------------------------------------------
+
+
+def chatterbot_dir() -> Path:
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("the default data ships in 'chatterbot-corpus': pip install chatterbot-corpus")
+    return Path(spec.origin).parent / "data" / "english"
+
+
+def load_chatterbot() -> list[Example]:
+    """Consecutive (question, answer) turns of every English conversation, by topic."""
+    examples = []
+    for path in sorted(chatterbot_dir().glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for conversation in doc.get("conversations", []):
+            turns = [str(t).strip() for t in conversation if t is not None]
+            for question, answer in zip(turns, turns[1:]):
+                if question and answer:
+                    examples.append(Example(question, answer, category=path.stem, source=path.name))
+    return examples
+
+
+def chatterbot_texts() -> Iterator[str]:
+    for ex in load_chatterbot():
+        yield ex.prompt
+        yield ex.response
+
+
+def _alpaca_row(row: dict, source: str, line: int) -> Example:
+    try:
+        instruction, output = row["instruction"], row["output"]
+    except KeyError as exc:
+        raise ValueError(f"{source}:{line}: missing field {exc.args[0]!r} (need instruction/output)") from None
+    prompt = instruction if not row.get("input") else f"{instruction}\n\n{row['input']}"
+    return Example(str(prompt), str(output), category=str(row.get("category", "")), source=source)
+
+
+def load_jsonl(path: Path) -> list[Example]:
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl files in data directory {str(path)!r}")
+    examples = []
+    for file in files:
+        with file.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{file}:{i}: invalid JSON ({exc.msg})") from None
+                    examples.append(_alpaca_row(row, file.name, i))
+    return examples
+
+
+def load_hf(spec: str) -> list[Example]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    table = datasets.load_dataset(name, split=split or "train")
+    return [_alpaca_row(dict(row), name, i) for i, row in enumerate(table)]
+
+
+_NAMED_SOURCES: dict[str, Callable[[], list[Example]]] = {"chatterbot": load_chatterbot}
+
+
+def load_examples(spec: str) -> list[Example]:
+    """Examples from a named source, ``hf:NAME[:SPLIT]``, a JSONL file or a directory."""
+    if spec in _NAMED_SOURCES:
+        return _NAMED_SOURCES[spec]()
+    if spec.startswith("hf:"):
+        return load_hf(spec[3:])
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data {spec!r} not found: expected one of {sorted(_NAMED_SOURCES)}, "
+            "'hf:NAME', a .jsonl file or a directory of them"
+        )
+    examples = load_jsonl(path)
+    if not examples:
+        raise ValueError(f"data {spec!r} holds no examples")
+    return examples
+
+
+# --- split and partition -------------------------------------------------------------------
+
+
+def _stable_key(ex: Example, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{ex.prompt}|{ex.response}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def split_heldout(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Deterministic train/held-out split by content hash (same on every process)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"eval fraction must be in (0, 1), got {fraction}")
+    ordered = sorted(examples, key=lambda ex: _stable_key(ex, seed))
+    n_held = max(1, round(len(ordered) * fraction))
+    return ordered[n_held:], ordered[:n_held]
+
+
+Partitioner = Callable[[Sequence[Example], int, np.random.Generator, str], list[list[Example]]]
+_PARTITIONERS: dict[str, Partitioner] = {}
+
+
+def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
+    def decorator(fn: Partitioner) -> Partitioner:
+        if name in _PARTITIONERS:
+            raise ValueError(f"partitioner {name!r} is already registered")
+        _PARTITIONERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def parse_partition(spec: str) -> tuple[str, str]:
+    """'dirichlet:0.5' -> ('dirichlet', '0.5'); unknown names list the valid ones."""
+    name, _, arg = spec.partition(":")
+    if name not in _PARTITIONERS:
+        raise ValueError(f"unknown partition {spec!r}; valid: {', '.join(sorted(_PARTITIONERS))}")
+    return name, arg
+
+
+def partition(
+    examples: Sequence[Example], spec: str, num_partitions: int, seed: int
+) -> list[list[Example]]:
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    name, arg = parse_partition(spec)
+    parts = _PARTITIONERS[name](examples, num_partitions, np.random.default_rng(seed), arg)
+    empty = [i for i, p in enumerate(parts) if not p]
+    if empty:
+        raise ValueError(
+            f"partition {spec!r} leaves partitions {empty} of {num_partitions} empty: "
+            "use fewer clients or another partitioner"
+        )
+    return parts
+
+
+@register_partitioner("iid")
+def _iid(examples, n, rng, _arg):
+    order = rng.permutation(len(examples))
+    return [[examples[i] for i in chunk] for chunk in np.array_split(order, n)]
+
+
+@register_partitioner("dirichlet")
+def _dirichlet(examples, n, rng, arg):
+    try:
+        alpha = float(arg or 0.5)
+    except ValueError:
+        raise ValueError(f"dirichlet concentration must be a number, got {arg!r}") from None
+    if alpha <= 0:
+        raise ValueError(f"dirichlet concentration must be > 0, got {alpha}")
+    parts: list[list[Example]] = [[] for _ in range(n)]
+    for category in sorted({ex.category for ex in examples}):
+        members = [ex for ex in examples if ex.category == category]
+        members = [members[i] for i in rng.permutation(len(members))]
+        shares = rng.dirichlet([alpha] * n)
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for i, chunk in enumerate(np.split(np.arange(len(members)), cuts)):
+            parts[i].extend(members[j] for j in chunk)
+    return parts
+
+
+@register_partitioner("topic")
+def _topic(examples, n, rng, _arg):
+    categories = sorted({ex.category for ex in examples})
+    owner = {c: i % n for i, c in enumerate(categories)}
+    parts: list[list[Example]] = [[] for _ in range(n)]
+    for ex in examples:
+        parts[owner[ex.category]].append(ex)
+    return parts
+
+
+@register_partitioner("file")
+def _file(examples, n, rng, _arg):
+    sources = sorted({ex.source for ex in examples})
+    if len(sources) != n:
+        raise ValueError(f"partition 'file' needs one client per file: {len(sources)} files, {n} clients")
+    return [[ex for ex in examples if ex.source == s] for s in sources]
+
+
+# --- tokenisation --------------------------------------------------------------------------
+
+IGNORE = -100
+
+
+def encode(example: Example, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
+    """Chat-formatted ids and labels; the loss sees answer tokens only."""
+    user = [{"role": "user", "content": example.prompt}]
+    full = user + [{"role": "assistant", "content": example.response}]
+    prompt_ids = tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True)
+    full_ids = tokenizer.apply_chat_template(full, tokenize=True)
+    prompt_ids = list(_ids(prompt_ids))
+    full_ids = list(_ids(full_ids))
+    labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return full_ids[:max_len], labels[:max_len]
+
+
+def _ids(out) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+    return out["input_ids"] if hasattr(out, "keys") else out
+
+
+def collate(
+    examples: Sequence[Example], tokenizer, max_len: int
+) -> dict[str, torch.Tensor]:
+    encoded = [encode(ex, tokenizer, max_len) for ex in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}

@@ -1,0 +1,155 @@
+"""Local training and evaluation loops. Knows nothing of Flower.
+
+The loss is per sequence (mean over a sequence's answer tokens, then mean over the
+batch) rather than Hugging Face's token-weighted ``labels=`` loss: each example then
+contributes independently, which is what per-example DP clipping assumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.data import IGNORE, Example, collate
+from client.model import AdaptedModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    max_len: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"local steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    first_loss: float
+    last_loss: float
+    steps: int
+    seconds: float
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
+    # bf16 autocast on GPU only; CPU trains in fp32 (bf16 matmuls are slow on most CPUs).
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (batch x len-1) and the mask of answer tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    mask = labels != IGNORE
+    losses = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels.clamp(min=0).reshape(-1),
+        reduction="none",
+    ).view_as(labels)
+    return losses * mask, mask
+
+
+def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over each sequence's answer tokens, then over the batch."""
+    losses, mask = token_losses(model, batch)
+    per_sequence = losses.sum(1) / mask.sum(1).clamp(min=1)
+    return per_sequence.mean()
+
+
+def batches(examples: Sequence[Example], cfg: TrainConfig) -> list[list[Example]]:
+    """``cfg.steps`` batches, shuffling epoch by epoch with a seeded generator."""
+    if not examples:
+        raise ValueError("cannot train on an empty partition")
+    rng = np.random.default_rng(cfg.seed)
+    order: list[int] = []
+    needed = cfg.steps * cfg.batch_size
+    while len(order) < needed:
+        order.extend(rng.permutation(len(examples)).tolist())
+    return [
+        [examples[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
+        for s in range(cfg.steps)
+    ]
+
+
+def to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def train(adapted: AdaptedModel, examples: Sequence[Example], tokenizer, cfg: TrainConfig) -> TrainResult:
+    """Plain AdamW on the adapter's trainable factors for ``cfg.steps`` steps."""
+    dev = device()
+    model = adapted.model.to(dev)
+    model.train()
+    params = adapted.trainable_parameters()
+    if not params:
+        raise ValueError("the adapter has no trainable factors")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    losses = []
+    start = time.perf_counter()
+    for chunk in batches(examples, cfg):
+        batch = to_device(collate(chunk, tokenizer, cfg.max_len), dev)
+        with autocast(dev):
+            loss = sequence_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return TrainResult(
+        mean_loss=float(np.mean(losses)),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, examples: Sequence[Example], tokenizer, *, max_len: int, batch_size: int = 16
+) -> EvalResult:
+    """Answer-token loss and perplexity (token-weighted over the whole set)."""
+    if not examples:
+        raise ValueError("cannot evaluate on an empty set")
+    dev = device()
+    model = model.to(dev).eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = to_device(collate(examples[i : i + batch_size], tokenizer, max_len), dev)
+        with autocast(dev):
+            losses, mask = token_losses(model, batch)
+        total += float(losses.sum())
+        tokens += int(mask.sum())
+    loss = total / max(tokens, 1)
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, examples=len(examples))

@@ -1,0 +1,98 @@
+"""SQLAlchemy 2.0 models: runs, rounds, client updates, evaluations. No logic here.
+
+Flower node and run ids are unsigned 64-bit integers; SQLite's INTEGER and
+PostgreSQL's BIGINT are signed, so they are stored as decimal strings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    flwr_run_id: Mapped[str | None] = mapped_column(String(20))
+    tag: Mapped[str | None] = mapped_column(String(64), index=True)
+    aggregator: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(32))  # running | completed | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    rounds: Mapped[list[RoundRecord]] = relationship(back_populates="run", order_by="RoundRecord.number")
+
+
+class RoundRecord(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime] = mapped_column(DateTime)
+    num_sampled: Mapped[int] = mapped_column(Integer)
+    num_aggregated: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    relative_error: Mapped[float | None] = mapped_column(Float)
+    bytes_down: Mapped[int] = mapped_column(Integer)
+    bytes_up: Mapped[int] = mapped_column(Integer)
+    aggregate_seconds: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    run: Mapped[Run] = relationship(back_populates="rounds")
+    updates: Mapped[list[ClientUpdateRecord]] = relationship(back_populates="round")
+
+
+class ClientUpdateRecord(Base):
+    __tablename__ = "client_updates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    round_number: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(20))
+    rank: Mapped[int | None] = mapped_column(Integer)
+    num_examples: Mapped[int | None] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    bytes_down: Mapped[int] = mapped_column(Integer)
+    bytes_up: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))  # ok | rejected | failed | resync
+    reason: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    round: Mapped[RoundRecord] = relationship(back_populates="updates")
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round_number: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    perplexity: Mapped[float] = mapped_column(Float)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(DateTime)

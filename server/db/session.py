@@ -1,0 +1,80 @@
+"""Engines and schema upgrades.
+
+``open_database(url)`` connects at once (so a bad URL fails before any client trains,
+naming the URL with its password masked) and brings the schema up to date. Upgrades
+are ordered steps recorded in ``schema_version``; each runs in its own transaction, so
+an existing database is upgraded in place and never half-migrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from server.db.models import Base, SchemaVersion
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used; the message names the (masked) URL."""
+
+
+def _v1_initial(conn: Connection) -> None:
+    Base.metadata.create_all(conn)
+
+
+# (version, step). Append new steps; never edit a released one.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1_initial)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def masked(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def open_database(url: str) -> Engine:
+    """Connect, create the SQLite directory if needed, and upgrade the schema."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"invalid database URL {url!r}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        kwargs = {"pool_pre_ping": True}
+        if parsed.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = {"connect_timeout": 5}
+        engine = create_engine(url, **kwargs)
+        upgrade(engine)
+    except (SQLAlchemyError, ModuleNotFoundError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DatabaseError(f"cannot use database {masked(url)}: {reason}") from None
+    return engine
+
+
+def current_version(conn: Connection) -> int:
+    if not inspect(conn).has_table(SchemaVersion.__tablename__):
+        return 0
+    return conn.execute(select(SchemaVersion.version).order_by(SchemaVersion.version.desc())).scalar() or 0
+
+
+def upgrade(engine: Engine) -> int:
+    with engine.begin() as conn:
+        version = current_version(conn)
+    for target, step in MIGRATIONS:
+        if target <= version:
+            continue
+        with engine.begin() as conn:
+            step(conn)
+            conn.execute(
+                SchemaVersion.__table__.insert().values(version=target, applied_at=datetime.now(UTC))
+            )
+        version = target
+    return version

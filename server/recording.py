@@ -1,0 +1,150 @@
+"""Recording: the one place that writes to the database.
+
+``RunRecorder`` owns the writes (a run row, one transaction per round, the final
+status). ``RecordingStrategy`` wraps any ``LoraStrategy``, the way Flower's DP wrappers
+wrap a strategy: it delegates the four message hooks and, at the end of each round
+(after the server-side evaluation), writes that round's row, one row per sampled
+client and the evaluation in a single transaction before the next round starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
+from server.evaluate import TimedEval
+from server.strategy import LoraStrategy, RoundReport, utcnow
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+class RunRecorder:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def start_run(self, *, config: dict[str, Any], aggregator: str, model: str, tag: str, flwr_run_id: int | None) -> int:
+        with Session(self.engine) as session, session.begin():
+            run = Run(
+                flwr_run_id=None if flwr_run_id is None else str(flwr_run_id),
+                tag=tag or None,
+                aggregator=aggregator,
+                model=model,
+                config=config,
+                status="running",
+                started_at=utcnow(),
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+    def record_round(self, run_id: int, report: RoundReport, evaluation: TimedEval | None) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = RoundRecord(
+                run_id=run_id,
+                number=report.number,
+                started_at=report.started_at,
+                finished_at=utcnow(),
+                num_sampled=len(report.outcomes),
+                num_aggregated=report.num_ok if report.aggregated else 0,
+                train_loss=_finite(report.train_loss),
+                relative_error=_finite(report.relative_error),
+                bytes_down=report.bytes_down,
+                bytes_up=report.bytes_up,
+                aggregate_seconds=report.aggregate_seconds,
+                metrics={"aggregated": report.aggregated},
+            )
+            session.add(row)
+            session.flush()
+            for o in report.outcomes:
+                session.add(
+                    ClientUpdateRecord(
+                        run_id=run_id, round_id=row.id, round_number=report.number,
+                        node_id=str(o.node_id), rank=o.rank, num_examples=o.num_examples,
+                        train_loss=_finite(o.train_loss), seconds=o.seconds,
+                        bytes_down=o.bytes_down, bytes_up=o.bytes_up,
+                        status=o.status, reason=o.reason, metrics=o.metrics,
+                    )
+                )
+            if evaluation is not None:
+                session.add(self._evaluation(run_id, report.number, evaluation))
+
+    def record_evaluation(self, run_id: int, round_number: int, evaluation: TimedEval) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(self._evaluation(run_id, round_number, evaluation))
+
+    @staticmethod
+    def _evaluation(run_id: int, round_number: int, ev: TimedEval) -> Evaluation:
+        return Evaluation(
+            run_id=run_id, round_number=round_number, loss=ev.result.loss,
+            perplexity=ev.result.perplexity, num_examples=ev.result.examples,
+            tokens=ev.result.tokens, seconds=ev.seconds, created_at=utcnow(),
+        )
+
+    def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(
+                update(Run).where(Run.id == run_id).values(status=status, error=error, finished_at=utcnow())
+            )
+
+    def run_status(self, run_id: int) -> str:
+        with Session(self.engine) as session:
+            return session.scalar(select(Run.status).where(Run.id == run_id)) or ""
+
+
+Evaluator = Callable[[LoraStrategy], TimedEval | None]
+
+
+class RecordingStrategy(Strategy):
+    """Wraps a LoraStrategy and records every round (see the module docstring)."""
+
+    def __init__(self, *, inner: LoraStrategy, recorder: RunRecorder, run_id: int, evaluator: Evaluator) -> None:
+        self.inner = inner
+        self.recorder = recorder
+        self.run_id = run_id
+        self.evaluator = evaluator
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def _end_of_round(self, server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
+        evaluation = self.evaluator(self.inner)
+        if server_round == 0:
+            if evaluation is not None:
+                self.recorder.record_evaluation(self.run_id, 0, evaluation)
+        else:
+            report = self.inner.last_report
+            assert report is not None and report.number == server_round
+            self.recorder.record_round(self.run_id, report, evaluation)
+        if evaluation is None:
+            return None
+        return MetricRecord({"eval-loss": evaluation.result.loss, "eval-perplexity": evaluation.result.perplexity})
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        if evaluate_fn is not None:
+            raise ValueError("RecordingStrategy evaluates through its evaluator; pass no evaluate_fn")
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                             evaluate_fn=self._end_of_round)

@@ -46,28 +46,35 @@ def build_evaluator(cfg: RunConfig, base) -> callable:
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     recorder = RunRecorder(open_database(cfg.database_url))
-    base = load_base(cfg.model)
-    log(INFO, "fedlora: model %s, aggregator %s, ranks %s", base.label, cfg.aggregator, cfg.rank_list)
-    spec = ModelSpec(modules=module_shapes(base.model, cfg.targets), max_rank=cfg.max_rank, seed=cfg.seed)
     flower = cfg.to_flower()
-    inner = LoraStrategy(
-        aggregator=aggregation.create(cfg.aggregator),
-        spec=spec,
-        train_config={k: flower[k] for k in TRAIN_KEYS},
-        clients_per_round=cfg.clients_per_round,
-        min_clients=cfg.min_clients,
-        round_timeout=cfg.round_timeout,
-    )
-    evaluator = build_evaluator(cfg, base)
     run_id = recorder.start_run(
-        config=flower, aggregator=cfg.aggregator, model=base.label, tag=cfg.run_tag,
+        config=flower, aggregator=cfg.aggregator, model=cfg.model, tag=cfg.run_tag,
         flwr_run_id=getattr(context, "run_id", None),
     )
-    strategy = RecordingStrategy(inner=inner, recorder=recorder, run_id=run_id, evaluator=evaluator)
     try:
+        strategy = build_strategy(cfg, recorder, run_id)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_server_rounds,
                        timeout=cfg.round_timeout)
     except BaseException as exc:
         recorder.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     recorder.finish_run(run_id, status="completed")
+
+
+def build_strategy(cfg: RunConfig, recorder: RunRecorder, run_id: int) -> RecordingStrategy:
+    base = load_base(cfg.model)
+    log(INFO, "fedlora: model %s, aggregator %s, ranks %s", base.label, cfg.aggregator, cfg.rank_list)
+    flower = cfg.to_flower()
+    inner = LoraStrategy(
+        aggregator=aggregation.create(cfg.aggregator),
+        spec=model_spec(cfg, base.model),
+        train_config={k: flower[k] for k in TRAIN_KEYS},
+        clients_per_round=cfg.clients_per_round,
+        min_clients=cfg.min_clients,
+        round_timeout=cfg.round_timeout,
+    )
+    return RecordingStrategy(inner=inner, recorder=recorder, run_id=run_id, evaluator=build_evaluator(cfg, base))
+
+
+def model_spec(cfg: RunConfig, model) -> ModelSpec:
+    return ModelSpec(modules=module_shapes(model, cfg.targets), max_rank=cfg.max_rank, seed=cfg.seed)

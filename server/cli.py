@@ -1,0 +1,218 @@
+"""The ``fedlora`` console script.
+
+  fedlora simulate [options]   run a federated simulation on Flower's simulation engine
+  fedlora runs [--db URL]      list recorded runs
+
+``simulate`` validates everything it can before a client trains (config, data, model,
+database), then starts a project-local SuperLink, submits the app with ``flwr run``,
+prints one table row per finished round from the database, and stops the SuperLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+import aggregation
+from server.config import RunConfig, default_db_url
+from server.db.models import Evaluation, RoundRecord, Run
+from server.db.session import DatabaseError, masked, open_database
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+console = Console(highlight=False)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="run a federated simulation (Flower simulation engine)")
+    p.add_argument("--aggregator", default="fedavg", help=f"one of: {', '.join(aggregation.names())}")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--num-clients", type=int, default=8, help="simulated nodes (SuperNodes)")
+    p.add_argument("--clients-per-round", type=int, default=4)
+    p.add_argument("--min-clients", type=int, default=1)
+    p.add_argument("--ranks", default="4,8,16", help="LoRA rank per client, cycled over partition ids")
+    p.add_argument("--max-rank", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (same for every client)")
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny' (smoke test), hub id or path")
+    p.add_argument("--data", default="chatterbot", help="'chatterbot', a .jsonl file/dir, or hf:NAME")
+    p.add_argument("--partition", default="topic", help="iid | dirichlet:ALPHA | topic | file")
+    p.add_argument("--local-steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--eval-examples", type=int, default=64)
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: FEDLORA_DB_URL or runs/fedlora.db)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--gpus-per-client", type=float, default=None, help="default: 0.25 with CUDA, else 0")
+    p.add_argument("--home", default=None, help="project-local state dir (default: ./.flwr under cwd)")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    cfg = RunConfig(
+        aggregator=args.aggregator, num_server_rounds=args.rounds, clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients, ranks=args.ranks, max_rank=args.max_rank, lora_alpha=args.alpha,
+        target_modules=args.target_modules, learning_rate=args.lr, local_steps=args.local_steps,
+        batch_size=args.batch_size, max_seq_len=args.max_seq_len, model=args.model, data=_abs_if_path(args.data),
+        partition=args.partition, eval_examples=args.eval_examples, db_url=args.db or default_db_url(),
+        seed=args.seed, run_tag=uuid.uuid4().hex[:16],
+    )
+    if args.num_clients < 1:
+        raise ValueError(f"--num-clients must be >= 1, got {args.num_clients}")
+    engine = preflight(cfg, args.num_clients)
+
+    from server.simulation import LocalSuperLink, stop_process
+
+    home = Path(args.home or Path.cwd() / ".flwr").resolve()
+    log_path = home / "logs" / f"run-{cfg.run_tag}.log"
+    gpus = args.gpus_per_client if args.gpus_per_client is not None else _default_gpus()
+    federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client,
+                  "client-resources-num-gpus": gpus}
+    console.print(f"[bold]fedlora[/] {cfg.aggregator} | model {cfg.model} | {args.num_clients} clients "
+                  f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds")
+    started = time.monotonic()
+    with LocalSuperLink(flwr_home=home, log_dir=home / "logs") as link:
+        process = link.submit(PROJECT_ROOT, run_config=cfg.to_flower(), federation=federation, log_path=log_path)
+        try:
+            run = follow(engine, cfg.run_tag, process, cfg.num_server_rounds)
+        finally:
+            stop_process(process)
+    elapsed = time.monotonic() - started
+    if run is None or run.status != "completed":
+        status = run.status if run else "not started"
+        console.print(f"[red]run {status}[/]: {run.error if run and run.error else 'see the log'}")
+        console.print(f"Flower log: {log_path}")
+        _tail(log_path)
+        return 1
+    console.print(f"\n[green]done[/] in {elapsed:.0f} s. run id {run.id} (Flower run {run.flwr_run_id})")
+    console.print(f"  database: {masked(cfg.database_url)}")
+    console.print(f"  Flower log: {log_path}")
+    console.print(f"  list runs: fedlora runs --db '{masked(cfg.database_url)}'")
+    return 0
+
+
+def preflight(cfg: RunConfig, num_clients: int) -> Engine:
+    """Fail before any training: database, data, partitioning, model."""
+    from client.data import load_examples, partition, split_heldout
+    from client.presets import load_base
+
+    engine = open_database(cfg.database_url)
+    train, _ = split_heldout(load_examples(cfg.data), cfg.eval_fraction, cfg.seed)
+    partition(train, cfg.partition, num_clients, cfg.seed)
+    base = load_base(cfg.model)  # also builds the converted cache once, before clients race for it
+    from server.app import model_spec
+
+    aggregation.create(cfg.aggregator).init_state(model_spec(cfg, base.model))  # e.g. rank vs module size
+    if cfg.model == "tiny":
+        console.print("[yellow]model 'tiny' is a smoke-test model: it learns nothing useful[/]")
+    return engine
+
+
+def follow(engine: Engine, tag: str, process, rounds: int) -> Run | None:
+    """Print a row per finished round until the Flower process exits."""
+    printed = 0
+    header = False
+    last = time.monotonic()
+    while True:
+        done = process.poll() is not None
+        with Session(engine) as session:
+            run = session.scalar(select(Run).where(Run.tag == tag))
+            if run is not None:
+                for row in round_rows(session, run.id)[printed:]:
+                    if not header:
+                        console.print(f"{'round':>7} {'clients':>8} {'train loss':>11} {'eval loss':>10} "
+                                      f"{'eval ppl':>9} {'rel.err':>8} {'MB down':>8} {'MB up':>7} {'sec':>6}")
+                        header = True
+                    console.print(row)
+                    printed += 1
+                    last = time.monotonic()
+                session.expunge_all()
+        if done:
+            return run
+        if run is not None and time.monotonic() - last > 30 and printed < rounds:
+            console.print(f"  ... round {printed + 1}/{rounds} running", style="dim")
+            last = time.monotonic()
+        time.sleep(1.0)
+
+
+def round_rows(session: Session, run_id: int) -> list[str]:
+    rounds = session.scalars(select(RoundRecord).where(RoundRecord.run_id == run_id).order_by(RoundRecord.number)).all()
+    evals = {e.round_number: e for e in session.scalars(select(Evaluation).where(Evaluation.run_id == run_id))}
+    rows = []
+    for r in rounds:
+        ev = evals.get(r.number)
+        rows.append(
+            f"{r.number:>7} {f'{r.num_aggregated}/{r.num_sampled}':>8} {_fmt(r.train_loss):>11} "
+            f"{_fmt(ev.loss if ev else None):>10} {_fmt(ev.perplexity if ev else None, 2):>9} "
+            f"{_fmt(r.relative_error, 3):>8} {r.bytes_down / 1e6:>8.2f} {r.bytes_up / 1e6:>7.2f} "
+            f"{(r.finished_at - r.started_at).total_seconds():>6.1f}"
+        )
+    return rows
+
+
+def runs(args: argparse.Namespace) -> int:
+    engine = open_database(args.db or default_db_url())
+    table = Table(title=f"runs in {masked(args.db or default_db_url())}")
+    for col in ("id", "aggregator", "model", "status", "rounds", "final eval ppl", "started"):
+        table.add_column(col)
+    with Session(engine) as session:
+        for run in session.scalars(select(Run).order_by(Run.id)):
+            ev = session.scalars(
+                select(Evaluation).where(Evaluation.run_id == run.id).order_by(Evaluation.round_number.desc())
+            ).first()
+            table.add_row(str(run.id), run.aggregator, run.model, run.status, str(len(run.rounds)),
+                          _fmt(ev.perplexity if ev else None, 2), run.started_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+    return 0
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _abs_if_path(data: str) -> str:
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
+
+
+def _default_gpus() -> float:
+    import torch
+
+    return 0.25 if torch.cuda.is_available() else 0.0
+
+
+def _tail(path: Path, lines: int = 25) -> None:
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines()[-lines:]:
+            console.print(f"  | {line}", markup=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    r = sub.add_parser("runs", help="list recorded runs")
+    r.add_argument("--db", default=None)
+    args = parser.parse_args(argv)
+    handlers = {"simulate": simulate, "runs": runs}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, DatabaseError, ModuleNotFoundError) as exc:
+        console.print(f"error: {exc}", style="red", markup=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Run the app on Flower's simulation engine from Python, the way ``flwr run`` does.
+
+``LocalSuperLink`` starts Flower's own ``flower-superlink --simulation`` on a free
+loopback port, with its state and Flower's config under a project-local FLWR_HOME and
+runtime dependency installation disabled (it would re-resolve the project's
+dependencies per run, and fail offline). It is always stopped on exit, also when the
+run fails or the user presses Ctrl-C. ``submit`` then hands the app to it with
+``flwr run`` and streams Flower's log to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CONNECTION = "fedlora-local"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (venv-safe)."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"Flower's '{name}' executable is not installed next to {sys.executable}")
+    return found
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def run_config_arg(overrides: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={toml_value(value)}" for key, value in overrides.items())
+
+
+class LocalSuperLink:
+    def __init__(self, *, flwr_home: Path, log_dir: Path) -> None:
+        self.flwr_home = flwr_home.resolve()
+        self.log_dir = log_dir.resolve()
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # the SuperLink spawns flower-superexec / flwr-simulation by name: use this venv's
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["FLWR_HOME"] = str(self.flwr_home)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        return env
+
+    def __enter__(self) -> LocalSuperLink:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        command = [
+            flower_bin("flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.flwr_home / "superlink-state.db"),
+        ]
+        log_file = open(self.log_dir / "superlink.log", "ab")
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log_file.close()
+        self._wait_ready(timeout=60.0)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"flower-superlink exited with code {self.process.returncode}; "
+                    f"see {self.log_dir / 'superlink.log'}"
+                )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"flower-superlink did not become ready on port {self.port} in {timeout:.0f}s")
+
+    def submit(
+        self, app_dir: Path, *, run_config: Mapping[str, Any], federation: Mapping[str, Any], log_path: Path
+    ) -> subprocess.Popen[bytes]:
+        """``flwr run APP CONNECTION --stream`` in the background, logging to ``log_path``."""
+        command = [
+            flower_bin("flwr"), "run", str(app_dir), CONNECTION,
+            "--run-config", run_config_arg(run_config),
+            "--federation-config", run_config_arg(federation),
+            "--stream",
+        ]
+        log_file = open(log_path, "ab")
+        try:
+            return subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        finally:
+            log_file.close()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # The SuperLink starts the simulation in a child process: signal the group.
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,117 @@
+import time
+from datetime import datetime
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.orm import Session
+
+from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
+from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, upgrade
+from server.evaluate import TimedEval
+from client.trainer import EvalResult
+from server.recording import RunRecorder
+from server.strategy import ClientOutcome, RoundReport
+
+POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+BIG_NODE = 2**64 - 5  # Flower node ids are unsigned 64-bit
+
+
+def _report(number: int) -> RoundReport:
+    now = datetime(2026, 1, 1)
+    return RoundReport(
+        number=number, started_at=now, finished_at=now, aggregated=True, train_loss=1.5,
+        relative_error=0.1, aggregate_seconds=0.01,
+        outcomes=(
+            ClientOutcome(BIG_NODE, "ok", rank=8, num_examples=10, train_loss=1.5, seconds=1.0, bytes_down=100, bytes_up=90),
+            ClientOutcome(7, "rejected", reason="m.A: contains NaN or Inf", rank=4, bytes_down=50, bytes_up=40),
+        ),
+    )
+
+
+def _exercise(engine) -> None:
+    rec = RunRecorder(engine)
+    run_id = rec.start_run(config={"a": 1}, aggregator="fedavg", model="tiny", tag="t", flwr_run_id=2**63 + 11)
+    ev = TimedEval(EvalResult(loss=2.0, perplexity=7.39, tokens=100, examples=4), seconds=0.5)
+    rec.record_evaluation(run_id, 0, ev)
+    rec.record_round(run_id, _report(1), ev)
+    rec.finish_run(run_id, status="completed")
+    with Session(engine) as s:
+        run = s.get(Run, run_id)
+        assert run.status == "completed" and run.flwr_run_id == str(2**63 + 11)
+        assert [r.number for r in run.rounds] == [1]
+        rows = s.scalars(select(ClientUpdateRecord).where(ClientUpdateRecord.run_id == run_id)).all()
+        assert {r.node_id for r in rows} == {str(BIG_NODE), "7"}
+        assert {r.status for r in rows} == {"ok", "rejected"}
+        assert s.scalar(select(func.count()).select_from(Evaluation).where(Evaluation.run_id == run_id)) == 2
+
+
+def test_sqlite_write_and_read(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path}/nested/dir/db.sqlite")
+    _exercise(engine)
+
+
+def test_round_is_one_transaction_and_not_recorded_twice(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path}/db.sqlite")
+    rec = RunRecorder(engine)
+    run_id = rec.start_run(config={}, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)
+    rec.record_round(run_id, _report(1), None)
+    with pytest.raises(Exception):
+        rec.record_round(run_id, _report(1), None)  # unique (run, number)
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(RoundRecord)) == 1
+        # the failed transaction left no orphan client rows behind
+        assert s.scalar(select(func.count()).select_from(ClientUpdateRecord)) == 2
+
+
+def test_upgrade_is_idempotent_on_an_existing_database(tmp_path):
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    engine = open_database(url)
+    _exercise(engine)
+    assert upgrade(create_engine(url)) == SCHEMA_VERSION
+    with Session(open_database(url)) as s:
+        assert s.scalar(select(func.count()).select_from(Run)) == 1
+
+
+def test_unreachable_database_fails_fast_and_names_the_url():
+    start = time.monotonic()
+    with pytest.raises(DatabaseError, match="127.0.0.1:1/nowhere"):
+        open_database("postgresql+psycopg2://someone:secret@127.0.0.1:1/nowhere")
+    assert time.monotonic() - start < 30
+
+
+def test_password_is_masked_in_errors():
+    with pytest.raises(DatabaseError) as err:
+        open_database("postgresql+psycopg2://someone:secret@127.0.0.1:1/nowhere")
+    assert "secret" not in str(err.value)
+
+
+def test_invalid_url_is_named():
+    with pytest.raises(DatabaseError, match="not-a-url"):
+        open_database("not-a-url")
+
+
+def _postgres_available() -> str | None:
+    try:
+        with create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3}).connect() as c:
+            c.execute(text("select 1"))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
+        return f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}"
+
+
+@pytest.fixture
+def postgres_url():
+    reason = _postgres_available()
+    if reason:
+        pytest.skip(reason)
+    schema = f"fedlora_test_{int(time.time() * 1000)}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as c:
+        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def test_postgresql_write_and_read(postgres_url):
+    _exercise(open_database(postgres_url))

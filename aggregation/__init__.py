@@ -63,13 +63,13 @@ def create(name: str, **kwargs: Any) -> Aggregator:
 # Importing a module registers its aggregator. One line per module, kept in one place.
 _BUILTIN_MODULES = (
     "fedavg",
-    # "flora",
-    # "fedex_lora",
-    # "lora_fair",
-    # "fed_sb",
-    # "ffa_lora",
-    # "flexlora",
-    # "hetlora",
+    "flora",
+    "fedex_lora",
+    "lora_fair",
+    "fed_sb",
+    "ffa_lora",
+    "flexlora",
+    "hetlora",
 )
 for _module in _BUILTIN_MODULES:
     importlib.import_module(f"aggregation.{_module}")

@@ -39,7 +39,9 @@ def relative_error(
 ) -> float:
     """||dW_applied - T||_F / ||T||_F, pooled over (up to) ``max_modules`` modules."""
     applied = aggregator.global_delta(result.state)
-    modules = sorted(applied)
+    # modules come from what clients trained: an aggregator that forgot a module in
+    # global_delta must show up as an error, not silently as zero
+    modules = sorted(updates[0].tensors) if updates else []
     if len(modules) > max_modules:
         # evenly spaced, deterministic sample: first, last and in between
         idx = np.linspace(0, len(modules) - 1, max_modules).round().astype(int)
@@ -48,7 +50,10 @@ def relative_error(
     ideal_sq = 0.0
     for name in modules:
         ideal = ideal_update(aggregator, old_state, updates, name)
-        pairs = [(applied[name]["B"], applied[name]["A"]), (-ideal["B"], ideal["A"])]
+        got = applied.get(name)
+        pairs = [(-ideal["B"], ideal["A"])]
+        if got is not None and got["B"].shape[1] > 0:
+            pairs.append((got["B"], got["A"]))
         if name in result.base_update:
             pairs.append((result.base_update[name]["B"], result.base_update[name]["A"]))
         err_sq += lowrank_fro_norm(stack_lowrank(pairs)) ** 2

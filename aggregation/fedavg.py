@@ -29,7 +29,12 @@ from aggregation.base import (
     Tensors,
 )
 from aggregation.init import lora_init
-from aggregation.linalg import example_weights, fold, pad_to, truncate_lora, unfold_for
+from aggregation.linalg import (
+    example_weights,
+    fold,
+    pad_to,
+    truncated_downlink,
+)
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,7 @@ class FedAvg:
         return FactorState(factors=lora_init(spec), max_rank=spec.max_rank)
 
     def downlink(self, state: FactorState, client: ClientInfo) -> Downlink:
-        adapter = {
-            name: unfold_for(truncate_lora(f, client.rank), scale=client.scale, into="B")
-            for name, f in state.factors.items()
-        }
-        return Downlink(adapter=adapter, trainable=frozenset({"A", "B"}))
+        return truncated_downlink(state.factors, client, state.max_rank)
 
     def aggregate(self, state: FactorState, updates: Sequence[ClientUpdate]) -> Aggregation:
         weights = example_weights(updates)

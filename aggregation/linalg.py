@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from aggregation.base import ClientUpdate, Factors, Tensors
+from aggregation.base import ClientInfo, ClientUpdate, Downlink, Factors, Tensors
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
@@ -64,6 +64,9 @@ def lowrank_fro_norm(factors: Factors) -> float:
     """
     b = np.asarray(factors["B"], dtype=np.float64)
     a = np.asarray(factors["A"], dtype=np.float64)
+    if b.shape[1] * 2 > min(b.shape[0], a.shape[1]):
+        # a stack wider than half the matrix: forming it (O(d k q)) beats QR (O(d q^2))
+        return float(np.linalg.norm(b @ a))
     r_b = np.linalg.qr(b, mode="r")
     r_a = np.linalg.qr(a.T, mode="r")
     return float(np.linalg.norm(r_b @ r_a.T))
@@ -75,3 +78,51 @@ def dense(factors: Factors) -> np.ndarray:
 
 def module_names(tensors: Tensors) -> list[str]:
     return sorted(tensors)
+
+
+def check_lora_update(update: ClientUpdate, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse an upload whose modules or factor shapes do not match the run.
+
+    Stacking methods take the rank from the arrays; a client that reports one rank and
+    sends another would otherwise be folded with the wrong ``s = alpha / rank``.
+    """
+    if set(update.tensors) != set(shapes):
+        missing = sorted(set(shapes) - set(update.tensors))
+        extra = sorted(set(update.tensors) - set(shapes))
+        raise ValueError(
+            f"node {update.node_id}: modules differ from the run (missing {missing}, "
+            f"unexpected {extra})"
+        )
+    for name, (d_out, d_in) in shapes.items():
+        factors = update.tensors[name]
+        want = {"A": (update.rank, d_in), "B": (d_out, update.rank)}
+        for factor, shape in want.items():
+            got = np.shape(factors.get(factor)) if factor in factors else None
+            if got != shape:
+                raise ValueError(
+                    f"node {update.node_id}, module {name}: {factor} has shape {got}, "
+                    f"expected {shape} for rank {update.rank}"
+                )
+
+
+def folded_pairs(
+    updates: Sequence[ClientUpdate], weights: np.ndarray, module: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(p_k s_k B_k, A_k)]`` in float64: the factors whose stack multiplies to T."""
+    return [
+        (p * fold(update, "B", module), np.asarray(update.tensors[module]["A"], np.float64))
+        for p, update in zip(weights, updates, strict=True)
+    ]
+
+
+def truncated_downlink(factors: Tensors, client: ClientInfo, max_rank: int) -> Downlink:
+    """The first ``client.rank`` components of global folded factors, un-folded for the
+    client's scaling; A and B both train. Shared by every method that keeps a global
+    (B, A) pair at the maximum rank and truncates it per client."""
+    if client.rank > max_rank:
+        raise ValueError(f"node {client.node_id} has rank {client.rank} > max_rank {max_rank}")
+    adapter = {
+        name: unfold_for(truncate_lora(f, client.rank), scale=client.scale, into="B")
+        for name, f in factors.items()
+    }
+    return Downlink(adapter=adapter, trainable=frozenset({"A", "B"}))

@@ -5,12 +5,18 @@ the run config's rank list by partition id in simulation. Base updates and froze
 factors received earlier are kept in the node's context state, so each round only
 what is new travels; if that state was lost the node says so ("resync") and the
 server resends everything it lacks next time.
+
+With DP-SGD on for the node (run or node config, ``privacy/``), the round is planned
+against the node's durable privacy ledger first: a round that would pass the target ε
+is declined ("declined" with the reason) before the model is even built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,7 +25,10 @@ from flwr.clientapp import ClientApp
 from client.data import Example, load_examples, partition, split_heldout
 from client.model import AdaptedModel, AdapterSpec, fold_into_base
 from client.presets import BaseModel, load_base
-from client.trainer import TrainConfig, train
+from client.trainer import TrainConfig, device, train
+from privacy.central import clip_update
+from privacy.client import PrivateRound, private_round
+from privacy.settings import local_dp
 from server.config import RunConfig, check_rank
 from server.wire import merges_to_record, record_to_merges, record_to_tensors, tensors_to_record
 
@@ -48,6 +57,21 @@ def node_identity(context: Context, cfg: RunConfig) -> tuple[int, float]:
     return rank, alpha
 
 
+def node_key(context: Context) -> str:
+    """A name for this node that survives restarts (Flower's node ids are per run)."""
+    node = context.node_config
+    if "node-name" in node:
+        return str(node["node-name"])
+    if "partition-id" in node:
+        return f"partition-{int(node['partition-id'])}"
+    return str(context.node_id)
+
+
+def stable_seed(*parts: object) -> int:
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
 def local_examples(context: Context, cfg: RunConfig) -> list[Example]:
     node = context.node_config
     if "data-path" in node:  # deployment: the node's own file is its partition
@@ -62,11 +86,17 @@ def query(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     rank, alpha = node_identity(context, cfg)
     info = MetricRecord({"rank": rank, "alpha": alpha, "num-examples": len(local_examples(context, cfg))})
-    return Message(RecordDict({"info": info}), reply_to=msg)
+    return Message(RecordDict({"info": info, "identity": ConfigRecord({"node-key": node_key(context)})}), reply_to=msg)
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
+    # the stack holds this node's privacy-ledger lock (DP on) until the reply is built
+    with contextlib.ExitStack() as stack:
+        return _train(msg, context, stack)
+
+
+def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     settings = msg.content["config"]
     rank, alpha = int(settings["rank"]), float(settings["alpha"])
@@ -81,10 +111,20 @@ def train_handler(msg: Message, context: Context) -> Message:
         merged = max([r for r in merges if all(q in merges for q in needed if q <= r)] or [0])
         return _reply(msg, status="resync", reason=reason, metrics={"merged-through": merged})
 
+    examples = local_examples(context, cfg)
+    dp_round = _private_round(context, cfg, settings, examples, stack)
+    if dp_round is not None and dp_round.declined:
+        metrics = {**dp_round.metrics(), "merged-through": max(needed or [0])}
+        return _reply(msg, status="declined", reason=dp_round.reason, metrics=metrics,
+                      frozen_hash=str(settings["frozen-hash"]))
+
     base = cached_base(cfg.model)
     model = copy.deepcopy(base.model)
     fold_into_base(model, [merges[r] for r in sorted(needed)])
-    torch.manual_seed(hash((cfg.seed, server_round, msg.metadata.dst_node_id)) % 2**31)
+    if dp_round is not None:
+        model.to(device())  # DP order: model, device, adapters, optimizer, make_private
+    # seeded by the stable node key, so a resumed or repeated run trains identically
+    torch.manual_seed(stable_seed(cfg.seed, server_round, node_key(context)))
     adapted = AdaptedModel(
         model, AdapterSpec(kind=str(settings["adapter-kind"]), rank=rank, alpha=alpha, targets=cfg.targets)
     )
@@ -95,18 +135,18 @@ def train_handler(msg: Message, context: Context) -> Message:
         adapted.load(adapter)
     adapted.set_trainable(frozenset(str(settings["trainable"]).split(",")))
 
-    examples = local_examples(context, cfg)
     result = train(
         adapted,
         examples,
         base.tokenizer,
         TrainConfig(
-            steps=int(settings["local-steps"]),
+            steps=dp_round.steps if dp_round is not None else int(settings["local-steps"]),
             batch_size=int(settings["batch-size"]),
             learning_rate=float(settings["learning-rate"]),
             max_len=int(settings["max-seq-len"]),
-            seed=cfg.seed + server_round * 7919 + int(context.node_config.get("partition-id", 0)),
+            seed=stable_seed(cfg.seed, server_round, node_key(context), "batches"),
         ),
+        privacy=dp_round.hook() if dp_round is not None else None,
     )
     uplink = str(settings["uplink"]).split(",")
     metrics = {
@@ -117,10 +157,33 @@ def train_handler(msg: Message, context: Context) -> Message:
         "train-seconds": result.seconds,
         "steps": result.steps,
         "merged-through": max(needed or [0]),
+        **(dp_round.metrics() if dp_round is not None else {}),
     }
+    update = adapted.export(uplink)
+    if cfg.dp_central_clip > 0:  # central DP: bound this node's whole-round contribution
+        update = clip_update(update, adapter, scale=alpha / rank, bound=cfg.dp_central_clip)
     reply = _reply(msg, status="ok", metrics=metrics, frozen_hash=str(settings["frozen-hash"]))
-    reply.content["update"] = tensors_to_record(adapted.export(uplink))
+    reply.content["update"] = tensors_to_record(update)
     return reply
+
+
+def _private_round(
+    context: Context, cfg: RunConfig, settings: ConfigRecord, examples: list[Example], stack: contextlib.ExitStack
+) -> PrivateRound | None:
+    """This round's DP-SGD plan when DP-SGD is on for this node (run or node config)."""
+    dp = local_dp(context.run_config, context.node_config)
+    if dp is None:
+        return None
+    node = context.node_config
+    # the ledger must find the same file next run: a stable name, never Flower's per-run node id
+    identity = node_key(context) if ("node-name" in node or "partition-id" in node) else "local"
+    return stack.enter_context(
+        private_round(
+            settings=dp, node=identity, examples=examples, run_key=cfg.run_tag or str(context.run_id),
+            batch_size=int(settings["batch-size"]), local_steps=int(settings["local-steps"]),
+            planned_rounds=cfg.num_server_rounds,
+        )
+    )
 
 
 def _known_merges(msg: Message, context: Context) -> dict[int, dict]:

@@ -15,6 +15,7 @@ Partitioners (``partition``), all deterministic given the seed:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -47,15 +48,22 @@ def chatterbot_dir() -> Path:
 
 def load_chatterbot() -> list[Example]:
     """Consecutive (question, answer) turns of every English conversation, by topic."""
+    return list(_chatterbot())
+
+
+@functools.lru_cache(maxsize=1)
+def _chatterbot() -> tuple[Example, ...]:
+    # libyaml's C loader when available: the pure-Python one takes seconds per process
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     examples = []
     for path in sorted(chatterbot_dir().glob("*.yml")):
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
         for conversation in doc.get("conversations", []):
             turns = [str(t).strip() for t in conversation if t is not None]
             for question, answer in zip(turns, turns[1:]):
                 if question and answer:
                     examples.append(Example(question, answer, category=path.stem, source=path.name))
-    return examples
+    return tuple(examples)
 
 
 def chatterbot_texts() -> Iterator[str]:

@@ -95,7 +95,26 @@ TINY_CHAT_TEMPLATE = (
 
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A 512-token byte-level BPE trained on the chatterbot corpus (deterministic)."""
+    """A 512-token byte-level BPE trained on the chatterbot corpus (deterministic).
+
+    Training takes a few seconds, in every process that needs it; the result is cached
+    on disk (written atomically under a lock, like the converted models).
+    """
+    target = cache_dir() / "tokenizers" / "tiny-bpe-512"
+    if not (target / "tokenizer.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "tokenizer.json").exists():
+                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+                _train_tiny_tokenizer().save_pretrained(tmp)
+                tmp.rename(target)
+    fast = PreTrainedTokenizerFast.from_pretrained(target)
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def _train_tiny_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from client.data import chatterbot_texts

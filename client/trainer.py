@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -72,11 +73,15 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     return losses * mask, mask
 
 
+def sequence_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each sequence's loss: the mean over its own answer tokens (one value per row)."""
+    losses, mask = token_losses(model, batch)
+    return losses.sum(1) / mask.sum(1).clamp(min=1)
+
+
 def sequence_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over each sequence's answer tokens, then over the batch."""
-    losses, mask = token_losses(model, batch)
-    per_sequence = losses.sum(1) / mask.sum(1).clamp(min=1)
-    return per_sequence.mean()
+    return sequence_losses(model, batch).mean()
 
 
 def batches(examples: Sequence[Example], cfg: TrainConfig) -> list[list[Example]]:
@@ -98,8 +103,42 @@ def to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, to
     return {k: v.to(dev) for k, v in batch.items()}
 
 
-def train(adapted: AdaptedModel, examples: Sequence[Example], tokenizer, cfg: TrainConfig) -> TrainResult:
-    """Plain AdamW on the adapter's trainable factors for ``cfg.steps`` steps."""
+class PrivateSession(Protocol):
+    """One attached round of private training (see ``PrivacyHook``)."""
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Exactly the round's batches, collated on CPU; a batch may have zero rows."""
+        ...
+
+    def step(self, per_sequence: torch.Tensor) -> None:
+        """Backward from the batch's per-sequence losses and take the private step."""
+        ...
+
+    def empty_step(self) -> None:
+        """The step for a batch with no rows (noise only, still accounted)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PrivacyHook(Protocol):
+    """Takes over sampling, backward and the optimizer step (``privacy.dpsgd.OpacusDPSGD``).
+
+    ``attach`` receives the model already on its device with adapters and the
+    optimizer over the trainable factors, and wraps them (e.g. ``make_private``).
+    """
+
+    def attach(
+        self, *, model: nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Example],
+        tokenizer: Any, cfg: TrainConfig,
+    ) -> PrivateSession: ...
+
+
+def train(
+    adapted: AdaptedModel, examples: Sequence[Example], tokenizer, cfg: TrainConfig,
+    *, privacy: PrivacyHook | None = None,
+) -> TrainResult:
+    """AdamW on the adapter's trainable factors for ``cfg.steps`` steps; private with a hook."""
     dev = device()
     model = adapted.model.to(dev)
     model.train()
@@ -107,6 +146,8 @@ def train(adapted: AdaptedModel, examples: Sequence[Example], tokenizer, cfg: Tr
     if not params:
         raise ValueError("the adapter has no trainable factors")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    if privacy is not None:
+        return _train_private(model, optimizer, examples, tokenizer, cfg, privacy, dev)
     losses = []
     start = time.perf_counter()
     for chunk in batches(examples, cfg):
@@ -123,6 +164,44 @@ def train(adapted: AdaptedModel, examples: Sequence[Example], tokenizer, cfg: Tr
         first_loss=losses[0],
         last_loss=losses[-1],
         steps=len(losses),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _train_private(
+    model: nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Example], tokenizer,
+    cfg: TrainConfig, privacy: PrivacyHook, dev: torch.device,
+) -> TrainResult:
+    """The same per-sequence loss; sampling, backward and step belong to the hook."""
+    start = time.perf_counter()
+    session = privacy.attach(model=model, optimizer=optimizer, examples=examples, tokenizer=tokenizer, cfg=cfg)
+    losses: list[float] = []
+    steps = 0
+    try:
+        for batch in session.batches():
+            steps += 1
+            if batch["input_ids"].shape[0] == 0:
+                # Poisson sampling drew nobody. The model cannot run on zero rows, and
+                # skipping would be a step the accountant never sees: noise only.
+                session.empty_step()
+                continue
+            batch = to_device(batch, dev)
+            with autocast(dev):
+                per_sequence = sequence_losses(model, batch)
+            session.step(per_sequence)
+            losses.append(float(per_sequence.detach().mean()))
+    finally:
+        session.close()
+        model.eval()
+    if steps != cfg.steps:
+        raise RuntimeError(f"private training took {steps} steps, planned {cfg.steps}")
+    # every batch empty (tiny data, small batches): no loss to report, the update is noise
+    nan = float("nan")
+    return TrainResult(
+        mean_loss=float(np.mean(losses)) if losses else nan,
+        first_loss=losses[0] if losses else nan,
+        last_loss=losses[-1] if losses else nan,
+        steps=steps,
         seconds=time.perf_counter() - start,
     )
 

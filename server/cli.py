@@ -11,10 +11,11 @@ prints one table row per finished round from the database, and stops the SuperLi
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -28,7 +29,7 @@ from server.db.models import Evaluation, RoundRecord, Run
 from server.db.session import DatabaseError, masked, open_database
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +55,23 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--gpus-per-client", type=float, default=None, help="default: 0.25 with CUDA, else 0")
+    p.add_argument("--aggregator-options", default="", help="e.g. 'solver=paper,ridge=0.01' (lora-fair)")
+    p.add_argument("--calibration-data", default="", help="fed-sb: public data for the LoRA-SB init")
+    p.add_argument("--round-retries", type=int, default=1, help="re-sample when fewer than --min-clients reply")
+    p.add_argument("--on-insufficient", default="stop", help="stop | skip, after the retries")
+    p.add_argument("--checkpoint-dir", default="", help="default: runs/checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    dp = p.add_argument_group("differential privacy (README: 'Differential privacy'; 0 = off)")
+    dp.add_argument("--dp-epsilon", type=float, default=0.0, help="per-client DP-SGD target ε (0: off)")
+    dp.add_argument("--dp-delta", type=float, default=1e-5)
+    dp.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-example clipping bound")
+    dp.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="fixed σ (0: calibrated from ε)")
+    dp.add_argument("--dp-accountant", default="prv", help="prv | rdp")
+    dp.add_argument("--dp-on-budget", default="decline", help="decline | truncate, when ε would pass the target")
+    dp.add_argument("--dp-grad-sample-mode", default="hooks", help="hooks | ghost | functorch")
+    dp.add_argument("--dp-state-dir", default="", help="per-node privacy history (default .cache/privacy)")
+    dp.add_argument("--dp-central-clip", type=float, default=0.0, help="central DP: per-client update clip")
+    dp.add_argument("--dp-central-noise", type=float, default=0.0, help="central DP: noise multiplier")
     p.add_argument("--home", default=None, help="project-local state dir (default: ./.flwr under cwd)")
 
 
@@ -64,40 +82,95 @@ def simulate(args: argparse.Namespace) -> int:
         target_modules=args.target_modules, learning_rate=args.lr, local_steps=args.local_steps,
         batch_size=args.batch_size, max_seq_len=args.max_seq_len, model=args.model, data=_abs_if_path(args.data),
         partition=args.partition, eval_examples=args.eval_examples, db_url=args.db or default_db_url(),
-        seed=args.seed, run_tag=uuid.uuid4().hex[:16],
+        seed=args.seed, run_tag=uuid.uuid4().hex[:16], aggregator_options=args.aggregator_options,
+        simulation_nodes=args.num_clients, round_retries=args.round_retries, on_insufficient=args.on_insufficient,
+        checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints,
+        calibration_data=_abs_if_path(args.calibration_data) if args.calibration_data else "",
+        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_noise_multiplier=args.dp_noise_multiplier, dp_accountant=args.dp_accountant,
+        dp_on_budget=args.dp_on_budget, dp_grad_sample_mode=args.dp_grad_sample_mode,
+        dp_state_dir=str(Path(args.dp_state_dir).expanduser().resolve()) if args.dp_state_dir else "",
+        dp_central_clip=args.dp_central_clip, dp_central_noise=args.dp_central_noise,
     )
     if args.num_clients < 1:
         raise ValueError(f"--num-clients must be >= 1, got {args.num_clients}")
     engine = preflight(cfg, args.num_clients)
-
-    from server.simulation import LocalSuperLink, stop_process
-
-    home = Path(args.home or Path.cwd() / ".flwr").resolve()
-    log_path = home / "logs" / f"run-{cfg.run_tag}.log"
     gpus = args.gpus_per_client if args.gpus_per_client is not None else _default_gpus()
     federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client,
                   "client-resources-num-gpus": gpus}
-    console.print(f"[bold]fedlora[/] {cfg.aggregator} | model {cfg.model} | {args.num_clients} clients "
+    return run_on_simulation_engine(cfg, engine, federation, home=args.home)
+
+
+def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *, home: str | None) -> int:
+    from server.simulation import LocalSuperLink, stop_process
+
+    flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
+    log_path = flwr_home / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
+    verb = f"resuming run {cfg.resume_run_id}" if cfg.resume_run_id else "fedlora"
+    console.print(f"[bold]{verb}[/] {cfg.aggregator} | model {cfg.model} | {federation['num-supernodes']} clients "
                   f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds")
     started = time.monotonic()
-    with LocalSuperLink(flwr_home=home, log_dir=home / "logs") as link:
+    with LocalSuperLink(flwr_home=flwr_home, log_dir=flwr_home / "logs") as link:
         process = link.submit(PROJECT_ROOT, run_config=cfg.to_flower(), federation=federation, log_path=log_path)
         try:
             run = follow(engine, cfg.run_tag, process, cfg.num_server_rounds)
         finally:
             stop_process(process)
     elapsed = time.monotonic() - started
+    if run is not None and run.status == "running":
+        # the coordinator ended without recording an outcome (killed, crashed hard)
+        from server.recording import RunRecorder
+
+        RunRecorder(engine).finish_run(run.id, status="interrupted",
+                                       error="the coordinator process ended before the run finished")
+        run.status = "interrupted"
     if run is None or run.status != "completed":
         status = run.status if run else "not started"
-        console.print(f"[red]run {status}[/]: {run.error if run and run.error else 'see the log'}")
+        console.print(f"[red]run {status}[/]: {run.error if run and run.error else 'see the log'}", markup=True)
+        if run is not None and run.status == "interrupted":
+            console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
         console.print(f"Flower log: {log_path}")
         _tail(log_path)
         return 1
     console.print(f"\n[green]done[/] in {elapsed:.0f} s. run id {run.id} (Flower run {run.flwr_run_id})")
     console.print(f"  database: {masked(cfg.database_url)}")
+    console.print(f"  checkpoints: {cfg.checkpoint_path / f'run-{run.id}'}")
     console.print(f"  Flower log: {log_path}")
     console.print(f"  list runs: fedlora runs --db '{masked(cfg.database_url)}'")
+    from privacy.report import max_epsilon
+
+    dp_summary = max_epsilon(engine, run.id)
+    if dp_summary is not None:  # some client ran DP-SGD
+        console.print(f"  DP: max ε across clients {dp_summary.epsilon:.4g} at δ = {dp_summary.delta:g} "
+                      f"({dp_summary.clients} clients)")
     return 0
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Continue a run from its last checkpoint, on the simulation engine, same config."""
+    url = args.db or default_db_url()
+    engine = open_database(url)
+    with Session(engine) as session:
+        run = session.get(Run, args.run_id)
+        if run is None:
+            raise ValueError(f"run {args.run_id} is not in {masked(url)}")
+        if run.status == "completed":
+            raise ValueError(f"run {args.run_id} is completed; nothing to resume")
+        if run.status == "running" and not args.force:
+            raise ValueError(
+                f"run {args.run_id} is marked running (last update {run.updated_at:%Y-%m-%d %H:%M:%S} UTC); "
+                "if its coordinator died without recording it (SIGKILL, power loss), resume with --force"
+            )
+        config = dict(run.config)
+    config.update({"resume-run-id": args.run_id, "db-url": url})
+    cfg = RunConfig.from_flower(config)
+    nodes = cfg.simulation_nodes
+    if nodes < 1:
+        raise ValueError(f"run {args.run_id} was not a simulation (no simulation-nodes recorded); "
+                         "resume deployment runs by submitting with resume-run-id")
+    federation = {"num-supernodes": nodes, "client-resources-num-cpus": args.cpus_per_client,
+                  "client-resources-num-gpus": _default_gpus()}
+    return run_on_simulation_engine(cfg, engine, federation, home=args.home)
 
 
 def preflight(cfg: RunConfig, num_clients: int) -> Engine:
@@ -109,9 +182,9 @@ def preflight(cfg: RunConfig, num_clients: int) -> Engine:
     train, _ = split_heldout(load_examples(cfg.data), cfg.eval_fraction, cfg.seed)
     partition(train, cfg.partition, num_clients, cfg.seed)
     base = load_base(cfg.model)  # also builds the converted cache once, before clients race for it
-    from server.app import model_spec
+    from server.app import make_aggregator, model_spec
 
-    aggregation.create(cfg.aggregator).init_state(model_spec(cfg, base.model))  # e.g. rank vs module size
+    make_aggregator(cfg, base).init_state(model_spec(cfg, base.model))  # e.g. rank vs module size
     if cfg.model == "tiny":
         console.print("[yellow]model 'tiny' is a smoke-test model: it learns nothing useful[/]")
     return engine
@@ -196,16 +269,50 @@ def _tail(path: Path, lines: int = 25) -> None:
             console.print(f"  | {line}", markup=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_simulate(sub)
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Handler]] = {}
+
+
+def register_command(name: str, add_arguments: Callable[[argparse._SubParsersAction], None], handler: Handler) -> None:
+    """Add a sub-command; other modules (deployment, reports) register theirs here."""
+    if name in _COMMANDS:
+        raise ValueError(f"CLI command {name!r} is already registered")
+    _COMMANDS[name] = (add_arguments, handler)
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("runs", help="list recorded runs")
     r.add_argument("--db", default=None)
+
+
+register_command("simulate", _add_simulate, simulate)
+register_command("runs", _add_runs, runs)
+
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("resume", help="continue an interrupted or failed simulation run from its last round")
+    r.add_argument("run_id", type=int)
+    r.add_argument("--db", default=None)
+    r.add_argument("--cpus-per-client", type=int, default=1)
+    r.add_argument("--home", default=None)
+    r.add_argument("--force", action="store_true", help="resume a run still marked running (its coordinator died)")
+
+
+register_command("resume", _add_resume, resume)
+# Modules that add commands (imported for their register_command calls).
+_COMMAND_MODULES: tuple[str, ...] = ("server.deploy", "server.export", "server.report")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_arguments, _ in _COMMANDS.values():
+        add_arguments(sub)
     args = parser.parse_args(argv)
-    handlers = {"simulate": simulate, "runs": runs}
     try:
-        return handlers[args.command](args)
+        return _COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError, DatabaseError, ModuleNotFoundError) as exc:
         console.print(f"error: {exc}", style="red", markup=False)
         return 2
@@ -215,4 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m server.cli`: run the importable module's main, whose command registry
+    # is the one the plug-in modules (deploy, export, report) register into
+    from server import cli as _cli
+
+    sys.exit(_cli.main())

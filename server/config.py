@@ -15,6 +15,7 @@ from typing import Any
 
 import aggregation
 from client.data import parse_partition
+from privacy.settings import check_run_config as check_dp_config
 
 DB_ENV = "FEDLORA_DB_URL"
 
@@ -62,6 +63,28 @@ class RunConfig:
     seed: int = 0
     round_timeout: float = 3600.0
     run_tag: str = ""
+    aggregator_options: str = ""
+    calibration_data: str = ""
+    calibration_batches: int = 4
+    checkpoint_dir: str = ""
+    keep_checkpoints: int = 3
+    resume_run_id: int = 0
+    round_retries: int = 1
+    on_insufficient: str = "stop"
+    max_update_norm_ratio: float = 10.0
+    max_payload_mb: float = 1024.0
+    simulation_nodes: int = 0
+    # differential privacy (privacy/settings.py documents each key; 0 / empty = off)
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "prv"
+    dp_on_budget: str = "decline"
+    dp_grad_sample_mode: str = "hooks"
+    dp_state_dir: str = ""
+    dp_central_clip: float = 0.0
+    dp_central_noise: float = 0.0
 
     def __post_init__(self) -> None:
         aggregation.get_class(self.aggregator)  # unknown name: lists the valid ones
@@ -90,6 +113,24 @@ class RunConfig:
         if not self.targets:
             raise ValueError(f"target-modules is empty: {self.target_modules!r}")
         parse_partition(self.partition)
+        _positive("calibration-batches", self.calibration_batches)
+        _positive("keep-checkpoints", self.keep_checkpoints)
+        _positive("resume-run-id", self.resume_run_id, allow_zero=True)
+        _positive("round-retries", self.round_retries, allow_zero=True)
+        _positive("simulation-nodes", self.simulation_nodes, allow_zero=True)
+        if self.on_insufficient not in ("stop", "skip"):
+            raise ValueError(f"on-insufficient must be 'stop' or 'skip', got {self.on_insufficient!r}")
+        if self.max_update_norm_ratio < 0:
+            raise ValueError(f"max-update-norm-ratio must be >= 0 (0 = off), got {self.max_update_norm_ratio}")
+        if self.max_payload_mb < 0:
+            raise ValueError(f"max-payload-mb must be >= 0 (0 = off), got {self.max_payload_mb}")
+        self.aggregator_kwargs  # parses, naming a malformed entry
+        check_dp_config(self.to_flower())  # every dp-* key, naming a bad one
+
+    @property
+    def aggregator_kwargs(self) -> dict[str, Any]:
+        """'solver=paper,ridge=0.1' -> {"solver": "paper", "ridge": 0.1}."""
+        return parse_options(self.aggregator_options)
 
     @property
     def rank_list(self) -> tuple[int, ...]:
@@ -98,6 +139,10 @@ class RunConfig:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else Path.cwd() / "runs" / "checkpoints"
 
     @property
     def database_url(self) -> str:
@@ -122,6 +167,28 @@ class RunConfig:
 
     def to_flower(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"aggregator-options: {item!r} is not of the form key=value")
+        out[key.strip().replace("-", "_")] = _literal(raw.strip())
+    return out
+
+
+def _literal(raw: str) -> Any:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def check_rank(rank: int, max_rank: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -19,9 +21,23 @@ from flwr.serverapp.strategy import Result, Strategy
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
+from server import checkpoint as ckpt
+from server.db.models import (
+    CheckpointRecord,
+    ClientUpdateRecord,
+    Evaluation,
+    RoundRecord,
+    Run,
+)
 from server.evaluate import TimedEval
 from server.strategy import LoraStrategy, RoundReport, utcnow
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    path: Path
+    sha256: str
+    config_hash: str
 
 
 def _finite(value: float | None) -> float | None:
@@ -42,12 +58,21 @@ class RunRecorder:
                 config=config,
                 status="running",
                 started_at=utcnow(),
+                updated_at=utcnow(),
             )
             session.add(run)
             session.flush()
             return run.id
 
-    def record_round(self, run_id: int, report: RoundReport, evaluation: TimedEval | None) -> None:
+    def record_round(
+        self, run_id: int, report: RoundReport, evaluation: TimedEval | None,
+        checkpoint: SavedCheckpoint | None = None, keep: int = 0,
+    ) -> list[Path]:
+        """One transaction: the round, its client rows, evaluation and checkpoint reference.
+
+        Returns checkpoint files that fell out of the last ``keep`` and may be deleted
+        (only after this commit, so the database never points at a missing file).
+        """
         with Session(self.engine) as session, session.begin():
             row = RoundRecord(
                 run_id=run_id,
@@ -77,6 +102,20 @@ class RunRecorder:
                 )
             if evaluation is not None:
                 session.add(self._evaluation(run_id, report.number, evaluation))
+            session.execute(update(Run).where(Run.id == run_id).values(updated_at=utcnow()))
+            stale: list[Path] = []
+            if checkpoint is not None:
+                session.add(CheckpointRecord(
+                    run_id=run_id, round_number=report.number, path=str(checkpoint.path),
+                    sha256=checkpoint.sha256, config_hash=checkpoint.config_hash, created_at=utcnow(),
+                ))
+                session.flush()
+                rows = session.scalars(select(CheckpointRecord).where(CheckpointRecord.run_id == run_id)
+                                       .order_by(CheckpointRecord.round_number.desc())).all()
+                for old in rows[keep:] if keep else []:
+                    stale.append(Path(old.path))
+                    session.delete(old)
+        return stale
 
     def record_evaluation(self, run_id: int, round_number: int, evaluation: TimedEval) -> None:
         with Session(self.engine) as session, session.begin():
@@ -93,8 +132,23 @@ class RunRecorder:
     def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
         with Session(self.engine) as session, session.begin():
             session.execute(
-                update(Run).where(Run.id == run_id).values(status=status, error=error, finished_at=utcnow())
+                update(Run).where(Run.id == run_id)
+                .values(status=status, error=error, finished_at=utcnow(), updated_at=utcnow())
             )
+
+    def reopen_run(self, run_id: int) -> tuple[Run, CheckpointRecord | None]:
+        """Mark a run as running again; return it and its latest checkpoint (if any)."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            run = session.get(Run, run_id)
+            if run is None:
+                raise ValueError(f"resume-run-id {run_id}: no such run in the database")
+            if run.status == "completed":
+                raise ValueError(f"run {run_id} already completed; nothing to resume")
+            latest = session.scalars(select(CheckpointRecord).where(CheckpointRecord.run_id == run_id)
+                                     .order_by(CheckpointRecord.round_number.desc())).first()
+            run.status, run.error, run.finished_at, run.updated_at = "running", None, None, utcnow()
+            session.expunge_all()
+            return run, latest
 
     def run_status(self, run_id: int) -> str:
         with Session(self.engine) as session:
@@ -107,39 +161,63 @@ Evaluator = Callable[[LoraStrategy], TimedEval | None]
 class RecordingStrategy(Strategy):
     """Wraps a LoraStrategy and records every round (see the module docstring)."""
 
-    def __init__(self, *, inner: LoraStrategy, recorder: RunRecorder, run_id: int, evaluator: Evaluator) -> None:
+    def __init__(
+        self, *, inner: LoraStrategy, recorder: RunRecorder, run_id: int, evaluator: Evaluator,
+        config: dict[str, Any], checkpoint_dir: Path, keep_checkpoints: int = 3, round_offset: int = 0,
+        resumed: bool = False,
+    ) -> None:
         self.inner = inner
         self.recorder = recorder
         self.run_id = run_id
         self.evaluator = evaluator
+        self.config = dict(config)
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoints = keep_checkpoints
+        # A resumed run restarts Flower's loop at 1; rounds are numbered from the checkpoint.
+        self.round_offset = round_offset
+        self.resumed = resumed
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, replies)
+        return self.inner.aggregate_train(server_round + self.round_offset, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
 
     def summary(self) -> None:
         self.inner.summary()
 
-    def _end_of_round(self, server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
+    def _end_of_round(self, flower_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0 and self.resumed:
+            return None  # round 0 (and every round up to the checkpoint) is already recorded
         evaluation = self.evaluator(self.inner)
-        if server_round == 0:
+        if flower_round == 0:
             if evaluation is not None:
                 self.recorder.record_evaluation(self.run_id, 0, evaluation)
         else:
+            number = flower_round + self.round_offset
             report = self.inner.last_report
-            assert report is not None and report.number == server_round
-            self.recorder.record_round(self.run_id, report, evaluation)
+            assert report is not None and report.number == number
+            saved = self._save_checkpoint(number)
+            stale = self.recorder.record_round(self.run_id, report, evaluation, saved, keep=self.keep_checkpoints)
+            for path in stale:
+                path.unlink(missing_ok=True)
         if evaluation is None:
             return None
         return MetricRecord({"eval-loss": evaluation.result.loss, "eval-perplexity": evaluation.result.perplexity})
+
+    def _save_checkpoint(self, number: int) -> SavedCheckpoint:
+        checkpoint = ckpt.Checkpoint(
+            round=number, aggregator=self.config.get("aggregator", ""), state=self.inner.state,
+            merge_log=self.inner.merge_log, rng_state=self.inner.rng.bit_generator.state, config=self.config,
+        )
+        path, sha = ckpt.save(checkpoint, self.checkpoint_dir, self.run_id)
+        return SavedCheckpoint(path=path, sha256=sha, config_hash=checkpoint.config_hash)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,

@@ -1,10 +1,14 @@
 """The only Flower-aware adapter between the message loop and an ``Aggregator``.
 
-Per round it samples nodes, learns the rank of nodes it has not seen (a ``query``
-message: the node says its rank, never assumed), builds *one new RecordDict per node*
-from ``aggregator.downlink`` (Flower's FedAvg shares one RecordDict between messages,
-so editing it would leak between nodes), and turns replies into ``ClientUpdate``s,
+Per round it samples nodes, builds *one new RecordDict per node* from
+``aggregator.downlink`` (Flower's FedAvg shares one RecordDict between messages, so
+editing it would leak between nodes), and turns replies into ``ClientUpdate``s,
 rejecting any reply that does not match the aggregator's ``uplink`` declaration.
+
+Nodes are known by what they say about themselves (a ``query`` message: rank, alpha,
+example count and a stable node key), never by assumption. Sampling is over the
+stable keys, because Flower gives nodes new ids in every run: a resumed run then
+samples the same clients as an uninterrupted one.
 
 Base updates (FLoRA's stack, FedEx-LoRA's residual) go into a log; each node is sent
 the entries after the last one it has acknowledged, so a node that sat out rounds
@@ -19,16 +23,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
-from aggregation.base import expected_shapes
 from aggregation.diagnostics import relative_error
+from server.validation import UpdateLimits, check_size, check_update, norm_outliers
 from server.wire import (
     PayloadError,
     merges_to_record,
@@ -37,15 +49,27 @@ from server.wire import (
     tensors_to_record,
 )
 
+__all__ = ["ClientOutcome", "InsufficientReplies", "LoraStrategy", "RoundReport", "check_update", "utcnow"]
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+# What a client may answer: trained ("ok"), lacks base updates or frozen factors
+# ("resync": the server resends them next time), or chose not to train ("declined").
+CLIENT_STATUSES = frozenset({"ok", "resync", "declined"})
+
+
+class InsufficientReplies(RuntimeError):
+    """Fewer usable replies than min-clients, after the allowed retries."""
 
 
 @dataclass
 class NodeState:
     """What the server believes a node holds; corrected by the node's own replies."""
 
+    key: str
     rank: int
     alpha: float
     num_examples: int
@@ -77,6 +101,7 @@ class RoundReport:
     train_loss: float | None
     relative_error: float | None
     aggregate_seconds: float
+    attempts: int = 1
 
     @property
     def bytes_down(self) -> int:
@@ -111,43 +136,42 @@ class LoraStrategy(Strategy):
         train_config: dict[str, int | float | str],
         clients_per_round: int,
         min_clients: int,
+        limits: UpdateLimits | None = None,
+        round_retries: int = 1,
+        on_insufficient: str = "stop",
         query_timeout: float = 600.0,
         round_timeout: float = 3600.0,
     ) -> None:
+        if on_insufficient not in ("stop", "skip"):
+            raise ValueError(f"on-insufficient must be 'stop' or 'skip', got {on_insufficient!r}")
         self.aggregator = aggregator
         self.spec = spec
         self.train_config = dict(train_config)
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
+        self.limits = limits or UpdateLimits()
+        self.round_retries = round_retries
+        self.on_insufficient = on_insufficient
         self.query_timeout = query_timeout
         self.round_timeout = round_timeout
-        self.state = aggregator.init_state(spec)
+        self.state: Any = aggregator.init_state(spec)
         self.merge_log: list[tuple[int, Tensors]] = []
         self.nodes: dict[int, NodeState] = {}
         self.rng = np.random.default_rng(spec.seed)
         self.last_report: RoundReport | None = None
         self._pending: dict[int, ClientOutcome] = {}
-        self._sent_state: object = None
+        self._sent_state: Any = None
+        self._refused: dict[int, ClientOutcome] = {}
+        self._grid: Grid | None = None
         self._round_started = utcnow()
 
-    # --- sampling and rank discovery ----------------------------------------------------
+    # --- node discovery and sampling ------------------------------------------------------
 
-    def _sample(self, grid: Grid) -> list[int]:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) < self.min_clients:
-            raise RuntimeError(
-                f"only {len(node_ids)} nodes connected; min-clients is {self.min_clients}"
-            )
-        k = min(self.clients_per_round, len(node_ids))
-        picked = self.rng.choice(len(node_ids), size=k, replace=False)
-        return [node_ids[i] for i in sorted(picked)]
-
-    def _discover(self, grid: Grid, node_ids: list[int]) -> dict[int, ClientOutcome]:
-        """Ask unseen nodes for their rank; returns outcomes for nodes refused here."""
-        unknown = [n for n in node_ids if n not in self.nodes]
-        refused: dict[int, ClientOutcome] = {}
+    def _discover(self, grid: Grid) -> None:
+        """Ask every connected node we have not heard from for its rank and key."""
+        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.nodes and n not in self._refused]
         if not unknown:
-            return refused
+            return
         messages = [
             Message(RecordDict({"config": ConfigRecord({"max-rank": self.spec.max_rank})}),
                     dst_node_id=n, message_type=MessageType.QUERY)
@@ -157,38 +181,58 @@ class LoraStrategy(Strategy):
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
-            if reply.has_error():
-                refused[node] = ClientOutcome(node, "failed", f"query failed: {reply.error.reason}")
-                continue
-            info = reply.content["info"]
-            rank, alpha = int(info["rank"]), float(info["alpha"])
-            if not 1 <= rank <= self.spec.max_rank:
-                refused[node] = ClientOutcome(
-                    node, "rejected", f"rank {rank} outside 1..{self.spec.max_rank}", rank=rank
-                )
-                continue
-            self.nodes[node] = NodeState(rank=rank, alpha=alpha, num_examples=int(info["num-examples"]))
+            try:
+                self.nodes[node] = self._node_from_query(reply)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._refused[node] = ClientOutcome(node, "rejected", str(exc))
         for node in set(unknown) - answered:
-            refused[node] = ClientOutcome(node, "failed", "no answer to the rank query")
-        return refused
+            log(WARNING, "node %s did not answer the rank query", node)
 
-    # --- Strategy interface ---------------------------------------------------------------
+    def _node_from_query(self, reply: Message) -> NodeState:
+        if reply.has_error():
+            raise ValueError(f"query failed: {reply.error.reason}")
+        info = reply.content["info"]
+        rank, alpha = int(info["rank"]), float(info["alpha"])
+        if not 1 <= rank <= self.spec.max_rank:
+            raise ValueError(f"rank {rank} outside 1..{self.spec.max_rank}")
+        key = str(reply.content["identity"]["node-key"]) if "identity" in reply.content.config_records else ""
+        return NodeState(key=key or str(reply.metadata.src_node_id), rank=rank, alpha=alpha,
+                         num_examples=int(info["num-examples"]))
+
+    def _sample(self, grid: Grid, exclude: set[int], count: int) -> list[int]:
+        connected = set(grid.get_node_ids())
+        usable = sorted((n for n in self.nodes if n in connected and n not in exclude), key=lambda n: self.nodes[n].key)
+        k = min(count, len(usable))
+        picked = self.rng.choice(len(usable), size=k, replace=False) if k else []
+        return [usable[i] for i in sorted(picked)]
+
+    # --- Strategy interface -----------------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_started = utcnow()
-        sampled = self._sample(grid)
-        self._pending = self._discover(grid, sampled)
+        self._grid = grid
+        self._discover(grid)
         self._sent_state = self.state
+        self._pending = {n: o for n, o in self._refused.items() if n in set(grid.get_node_ids())}
+        self._refused = {}  # reported once; a refused node is asked again next round
+        sampled = self._sample(grid, exclude=set(), count=self.clients_per_round)
+        if len(sampled) < self.min_clients:
+            raise InsufficientReplies(
+                f"round {server_round}: only {len(sampled)} usable nodes connected; min-clients is {self.min_clients}"
+            )
+        log(INFO, "configure_train: %d of %d nodes sampled", len(sampled), len(self.nodes))
+        return self._messages(server_round, sampled)
+
+    def _messages(self, server_round: int, nodes: list[int]) -> list[Message]:
         messages = []
-        for node in sampled:
-            if node in self._pending:
-                continue
+        for node in nodes:
             content = self._payload(server_round, node)
-            self._pending[node] = ClientOutcome(node, "failed", "no reply", bytes_down=record_bytes(content))
+            reason = f"no reply before the round deadline ({self.round_timeout:.0f} s)"
+            self._pending[node] = ClientOutcome(node, "failed", reason, rank=self.nodes[node].rank,
+                                                bytes_down=record_bytes(content))
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        log(INFO, "configure_train: %d nodes sampled, %d messages", len(sampled), len(messages))
         return messages
 
     def _payload(self, server_round: int, node: int) -> RecordDict:
@@ -221,16 +265,24 @@ class LoraStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates: list[ClientUpdate] = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            sent = self._pending.get(node)
-            if sent is None:
-                continue  # a reply we did not ask for this round
-            outcome, update = self._check_reply(node, reply, sent.bytes_down)
-            self._pending[node] = outcome
-            if update is not None:
-                updates.append(update)
+        updates = self._collect(replies)
+        attempts = 1
+        while len(updates) < self.min_clients and attempts <= self.round_retries and self._grid is not None:
+            extra = self._sample(self._grid, exclude=set(self._pending), count=self.min_clients - len(updates))
+            log(WARNING, "round %d: %d usable replies < min-clients %d; retry %d with %d more nodes",
+                server_round, len(updates), self.min_clients, attempts, len(extra))
+            attempts += 1
+            if not extra:
+                break
+            more = self._grid.send_and_receive(self._messages(server_round, extra), timeout=self.round_timeout)
+            updates += self._collect(more)
+        for node_id, reason in norm_outliers(updates, self.limits).items():
+            self._pending[int(node_id)] = self._replace(self._pending[int(node_id)], status="rejected", reason=reason)
+        updates = [u for u in updates if self._pending[int(u.node_id)].status == "ok"]
+        # Replies arrive in any order; aggregate in node-key order so that the float
+        # sums (and FLoRA's stacking order) are the same in every run of this seed.
+        updates.sort(key=lambda u: self.nodes[int(u.node_id)].key)
+
         start = time.perf_counter()
         aggregated, rel_err, loss = False, None, None
         if len(updates) >= self.min_clients:
@@ -242,52 +294,69 @@ class LoraStrategy(Strategy):
             aggregated = True
             weights = np.array([u.num_examples for u in updates], float)
             loss = float(np.dot(weights / weights.sum(), [u.metrics["train-loss"] for u in updates]))
-        else:
-            log(WARNING, "round %d: %d usable replies < min-clients %d; global state unchanged",
-                server_round, len(updates), self.min_clients)
         self.last_report = RoundReport(
-            number=server_round,
-            started_at=self._round_started,
-            finished_at=utcnow(),
-            outcomes=tuple(self._pending[n] for n in sorted(self._pending)),
-            aggregated=aggregated,
-            train_loss=loss,
-            relative_error=rel_err,
-            aggregate_seconds=time.perf_counter() - start,
+            number=server_round, started_at=self._round_started, finished_at=utcnow(),
+            outcomes=tuple(self._pending[n] for n in sorted(self._pending)), aggregated=aggregated,
+            train_loss=loss, relative_error=rel_err, aggregate_seconds=time.perf_counter() - start, attempts=attempts,
         )
-        metrics = {"num-aggregated": len(updates)}
+        if not aggregated:
+            message = (f"round {server_round}: {len(updates)} usable replies < min-clients {self.min_clients} "
+                       f"after {attempts - 1} retries")
+            if self.on_insufficient == "stop":
+                raise InsufficientReplies(message)
+            log(WARNING, "%s; global state unchanged (on-insufficient=skip)", message)
+        metrics: dict[str, float] = {"num-aggregated": len(updates)}
         if loss is not None:
             metrics["train-loss"] = loss
         if rel_err is not None:
             metrics["relative-error"] = rel_err
         return ArrayRecord(), MetricRecord(metrics)
 
-    def _check_reply(
-        self, node: int, reply: Message, bytes_down: int
-    ) -> tuple[ClientOutcome, ClientUpdate | None]:
-        if reply.has_error():
-            return ClientOutcome(node, "failed", f"client error: {reply.error.reason}", bytes_down=bytes_down), None
-        content = reply.content
-        bytes_up = record_bytes(content)
-        status = str(content["status"]["status"]) if "status" in content.config_records else "ok"
-        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+    @staticmethod
+    def _replace(outcome: ClientOutcome, **changes: Any) -> ClientOutcome:
+        return ClientOutcome(**{**outcome.__dict__, **changes})
+
+    def _collect(self, replies: Iterable[Message]) -> list[ClientUpdate]:
+        updates = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            sent = self._pending.get(node)
+            if sent is None or node not in self.nodes:
+                continue  # a reply we did not ask for this round
+            outcome, update = self._check_reply(node, reply, sent.bytes_down)
+            self._pending[node] = outcome
+            if update is not None:
+                updates.append(update)
+        return updates
+
+    def _check_reply(self, node: int, reply: Message, bytes_down: int) -> tuple[ClientOutcome, ClientUpdate | None]:
         known = self.nodes[node]
-        known.merged_through = int(metrics.get("merged-through", known.merged_through))
-        if "frozen-hash" in content.config_records.get("status", {}):
-            known.frozen_hash = str(content["status"]["frozen-hash"])
-        base = dict(node_id=node, bytes_down=bytes_down, bytes_up=bytes_up, rank=known.rank,
-                    metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        if status != "ok":
-            reason = str(content["status"].get("reason", status))
-            return ClientOutcome(status=status, reason=reason, **base), None
+        if reply.has_error():
+            return ClientOutcome(node, "failed", f"client error: {reply.error.reason}", rank=known.rank,
+                                 bytes_down=bytes_down), None
+        base: dict[str, Any] = dict(node_id=node, bytes_down=bytes_down, rank=known.rank)
+        # Everything below reads what a client sent: any malformation is the client's
+        # fault and must not stop the server, so it becomes a rejection with a reason.
         try:
+            content = reply.content
+            base["bytes_up"] = record_bytes(content)
+            metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+            base["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            status_record = content.config_records.get("status", ConfigRecord({"status": "ok"}))
+            known.merged_through = int(metrics.get("merged-through", known.merged_through))
+            known.frozen_hash = str(status_record.get("frozen-hash", ""))
+            status = str(status_record.get("status", "ok"))
+            if status not in CLIENT_STATUSES:
+                raise PayloadError(f"unknown reply status {status!r}; expected one of {sorted(CLIENT_STATUSES)}")
+            if status != "ok":
+                return ClientOutcome(status=status, reason=str(status_record.get("reason") or status), **base), None
+            check_size(base["bytes_up"], self.limits)
             update = self._decode(node, content, known)
-        except (PayloadError, KeyError, ValueError) as exc:
-            return ClientOutcome(status="rejected", reason=str(exc), **base), None
+        except Exception as exc:  # noqa: BLE001 - see comment above
+            return ClientOutcome(status="rejected", reason=_reason(exc), **base), None
         return (
-            ClientOutcome(status="ok", num_examples=update.num_examples,
-                          train_loss=update.metrics["train-loss"],
-                          seconds=float(metrics.get("train-seconds", 0.0)), **base),
+            ClientOutcome(status="ok", num_examples=update.num_examples, train_loss=update.metrics["train-loss"],
+                          seconds=base["metrics"].get("train-seconds"), **base),
             update,
         )
 
@@ -322,22 +391,19 @@ class LoraStrategy(Strategy):
         log(INFO, "\t├── Clients per round: %d (min %d)", self.clients_per_round, self.min_clients)
         log(INFO, "\t└── Adapted modules: %d, max rank %d", len(self.spec.modules), self.spec.max_rank)
 
+    # --- checkpoints ------------------------------------------------------------------------
 
-def check_update(tensors: Tensors, spec: ModelSpec, aggregator: Aggregator, rank: int) -> None:
-    """Refuse missing/extra modules or factors, wrong shapes and non-finite values."""
-    missing = sorted(set(spec.modules) - set(tensors))
-    extra = sorted(set(tensors) - set(spec.modules))
-    if missing or extra:
-        raise PayloadError(f"modules missing {missing[:3]} / unexpected {extra[:3]}")
-    for name, factors in tensors.items():
-        want = expected_shapes(aggregator.adapter_kind, aggregator.uplink, spec.modules[name], rank)
-        if set(factors) != set(want):
-            raise PayloadError(f"{name}: factors {sorted(factors)}, expected {sorted(want)}")
-        for key, shape in want.items():
-            value = factors[key]
-            if tuple(value.shape) != shape:
-                raise PayloadError(
-                    f"{name}.{key}: shape {tuple(value.shape)} does not match rank {rank} ({shape})"
-                )
-            if not np.isfinite(value).all():
-                raise PayloadError(f"{name}.{key}: contains NaN or Inf")
+    def restore(self, *, state: Any, merge_log: list[tuple[int, Tensors]], rng_state: dict[str, Any]) -> None:
+        """Continue from a checkpoint. Node beliefs start empty: nodes are new processes."""
+        self.state = state
+        self.merge_log = list(merge_log)
+        self.rng.bit_generator.state = rng_state
+        self.nodes = {}
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, (PayloadError, ValueError)):
+        return str(exc)
+    if isinstance(exc, KeyError):
+        return f"missing field {exc}"
+    return f"{type(exc).__name__}: {exc}"

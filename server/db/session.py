@@ -12,11 +12,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from server.db.models import Base, SchemaVersion
+from server.db.models import Base, CheckpointRecord, SchemaVersion
 
 
 class DatabaseError(RuntimeError):
@@ -24,11 +24,20 @@ class DatabaseError(RuntimeError):
 
 
 def _v1_initial(conn: Connection) -> None:
+    # create_all skips existing tables: on an empty database this creates the
+    # current schema, so later steps must be idempotent (check before altering).
     Base.metadata.create_all(conn)
 
 
+def _v2_checkpoints(conn: Connection) -> None:
+    CheckpointRecord.__table__.create(conn, checkfirst=True)
+    columns = {c["name"] for c in inspect(conn).get_columns("runs")}
+    if "updated_at" not in columns:
+        conn.execute(text("ALTER TABLE runs ADD COLUMN updated_at TIMESTAMP"))
+
+
 # (version, step). Append new steps; never edit a released one.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1_initial)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1_initial), (2, _v2_checkpoints)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

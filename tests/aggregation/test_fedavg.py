@@ -5,7 +5,6 @@ from hypothesis import strategies as st
 from aggregation import ClientInfo, create
 from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
-
 from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
 
 

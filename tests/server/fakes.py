@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 
 class FakeGrid:
@@ -16,6 +16,7 @@ class FakeGrid:
         self.alpha = alpha
         self.examples = examples or {n: 10 for n in ranks}
         self.sent: list[Message] = []
+        self.train_reply: Callable[[int, Message], Message] | None = None  # for retried rounds
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.ranks)
@@ -25,8 +26,12 @@ class FakeGrid:
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
+            if msg.metadata.message_type != "query":
+                replies.append(self.train_reply(node, msg)) if self.train_reply else None
+                continue
             info = MetricRecord({"rank": self.ranks[node], "alpha": self.alpha, "num-examples": self.examples[node]})
-            replies.append(reply_from(node, RecordDict({"info": info}), msg))
+            identity = ConfigRecord({"node-key": f"node-{node:03d}"})
+            replies.append(reply_from(node, RecordDict({"info": info, "identity": identity}), msg))
         return replies
 
 

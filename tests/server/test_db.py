@@ -5,10 +5,10 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
+from client.trainer import EvalResult
 from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
 from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, upgrade
 from server.evaluate import TimedEval
-from client.trainer import EvalResult
 from server.recording import RunRecorder
 from server.strategy import ClientOutcome, RoundReport
 
@@ -115,3 +115,25 @@ def postgres_url():
 
 def test_postgresql_write_and_read(postgres_url):
     _exercise(open_database(postgres_url))
+
+
+V1_RUNS = """CREATE TABLE runs (id INTEGER PRIMARY KEY, flwr_run_id VARCHAR(20), tag VARCHAR(64),
+aggregator VARCHAR(64), model VARCHAR(256), config JSON, status VARCHAR(32), error TEXT,
+started_at DATETIME, finished_at DATETIME)"""
+
+
+def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = create_engine(url)
+    with engine.begin() as c:  # what version 1 created, with a run in it
+        c.execute(text(V1_RUNS))
+        c.execute(text("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME)"))
+        c.execute(text("INSERT INTO schema_version VALUES (1, '2026-01-01')"))
+        c.execute(text("INSERT INTO runs (id, aggregator, model, config, status, started_at) "
+                       "VALUES (1, 'fedavg', 'tiny', '{}', 'completed', '2026-01-01')"))
+    upgraded = open_database(url)
+    with Session(upgraded) as s:
+        assert s.get(Run, 1).status == "completed" and s.get(Run, 1).updated_at is None
+    with upgraded.connect() as c:
+        assert c.execute(text("select max(version) from schema_version")).scalar() == SCHEMA_VERSION
+        assert c.execute(text("select count(*) from checkpoints")).scalar() == 0

@@ -4,8 +4,14 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import aggregation
 from aggregation import ClientUpdate, ModelSpec, ModuleShape
-from server.strategy import LoraStrategy, check_update
-from server.wire import PayloadError, record_to_merges, record_to_tensors, tensors_to_record
+from server.strategy import InsufficientReplies, LoraStrategy, check_update
+from server.validation import UpdateLimits
+from server.wire import (
+    PayloadError,
+    record_to_merges,
+    record_to_tensors,
+    tensors_to_record,
+)
 from tests.server.fakes import FakeGrid, reply_from, task_identity
 
 SHAPES = {"l0.q": ModuleShape(8, 6), "l1.q": ModuleShape(8, 6)}
@@ -17,10 +23,10 @@ def _identity():
     task_identity()
 
 
-def _strategy(name="fedavg", per_round=3, min_clients=1):
+def _strategy(name="fedavg", per_round=3, min_clients=1, **kwargs):
     return LoraStrategy(
         aggregator=aggregation.create(name), spec=ModelSpec(modules=SHAPES, max_rank=16, seed=0),
-        train_config=TRAIN, clients_per_round=per_round, min_clients=min_clients,
+        train_config=TRAIN, clients_per_round=per_round, min_clients=min_clients, **kwargs,
     )
 
 
@@ -63,7 +69,7 @@ def test_rank_is_learnt_from_the_node_and_out_of_range_is_rejected():
     strategy = LoraStrategy(aggregator=aggregation.create("fedavg"), spec=ModelSpec(modules=SHAPES, max_rank=16),
                             train_config=TRAIN, clients_per_round=2, min_clients=1)
     messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
-    assert [m.metadata.dst_node_id for m in messages] == [1]
+    assert [m.metadata.dst_node_id for m in messages if m.metadata.message_type == "train"] == [1]
     rng = np.random.default_rng(0)
     strategy.aggregate_train(1, [_train_reply(messages[0], rng)[0]])
     outcome = {o.node_id: o for o in strategy.last_report.outcomes}[2]
@@ -91,13 +97,80 @@ def test_bad_replies_are_excluded_and_aggregate_equals_honest_only():
         np.testing.assert_allclose(strategy.state.factors[m]["B"], expected.factors[m]["B"], atol=1e-6)
 
 
-def test_too_few_replies_leave_the_state_unchanged():
+def test_too_few_replies_with_skip_policy_leave_the_state_unchanged():
     grid = FakeGrid({1: 4, 2: 4})
-    strategy = _strategy(per_round=2, min_clients=2)
+    strategy = _strategy(per_round=2, min_clients=2, on_insufficient="skip")
     msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     before = strategy.state
     strategy.aggregate_train(1, [_train_reply(msgs[0], np.random.default_rng(0))[0]])
     assert strategy.state is before and not strategy.last_report.aggregated
+    reasons = {o.node_id: o.reason for o in strategy.last_report.outcomes}
+    assert "deadline" in reasons[2]  # the silent node is recorded as a straggler
+
+
+def test_too_few_replies_with_stop_policy_stops_the_run_clearly():
+    grid = FakeGrid({1: 4, 2: 4})
+    strategy = _strategy(per_round=2, min_clients=2)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    with pytest.raises(InsufficientReplies, match="1 usable replies < min-clients 2"):
+        strategy.aggregate_train(1, [_train_reply(msgs[0], np.random.default_rng(0))[0]])
+
+
+def test_retry_samples_other_nodes_and_completes_the_round():
+    grid = FakeGrid({1: 4, 2: 4, 3: 4})
+    rng = np.random.default_rng(0)
+    grid.train_reply = lambda node, msg: _train_reply(msg, rng)[0]
+    strategy = _strategy(per_round=2, min_clients=2)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    strategy.aggregate_train(1, [_train_reply(msgs[0], rng)[0]])  # the second sampled node never answers
+    report = strategy.last_report
+    assert report.aggregated and report.attempts == 2 and report.num_ok == 2
+    assert len(report.outcomes) == 3
+
+
+def test_huge_norm_update_is_excluded_by_the_median_rule():
+    grid = FakeGrid({1: 4, 2: 4, 3: 4, 4: 4})
+    rng = np.random.default_rng(1)
+    strategy = _strategy(per_round=4, limits=UpdateLimits(max_norm_ratio=10.0))
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    replies = []
+    for i, msg in enumerate(msgs):
+        reply, tensors = _train_reply(msg, rng)
+        if i == 0:  # scale the first update by 1000
+            tensors = {m: {k: 1000 * v for k, v in f.items()} for m, f in tensors.items()}
+            reply.content["update"] = tensors_to_record(tensors)
+        replies.append(reply)
+    strategy.aggregate_train(1, replies)
+    outcome = {o.node_id: o for o in strategy.last_report.outcomes}[msgs[0].metadata.dst_node_id]
+    assert outcome.status == "rejected" and "median" in outcome.reason
+    assert strategy.last_report.num_ok == 3
+
+
+def test_oversized_payload_is_rejected():
+    grid = FakeGrid({1: 4})
+    strategy = LoraStrategy(aggregator=aggregation.create("fedavg"), spec=ModelSpec(modules=SHAPES, max_rank=16),
+                            train_config=TRAIN, clients_per_round=1, min_clients=1, on_insufficient="skip",
+                            limits=UpdateLimits(max_payload_bytes=100))
+    (msg,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    strategy.aggregate_train(1, [_train_reply(msg, np.random.default_rng(0))[0]])
+    (outcome,) = strategy.last_report.outcomes
+    assert outcome.status == "rejected" and "exceeds the limit of 100 bytes" in outcome.reason
+
+
+def test_sampling_follows_node_keys_not_flower_ids():
+    """Two runs whose nodes got different Flower ids sample the same node keys."""
+    picks = []
+    for ids in ([10, 20, 30, 40, 50], [99, 7, 1234, 5, 42]):
+        grid = FakeGrid({n: 4 for n in ids})
+        strategy = _strategy(per_round=2)
+        # give node keys by position, as partition ids would
+        order = {n: f"partition-{i}" for i, n in enumerate(ids)}
+        strategy._discover(grid)
+        for n in ids:
+            strategy.nodes[n].key = order[n]
+        picked = strategy._sample(grid, exclude=set(), count=2)
+        picks.append(sorted(strategy.nodes[n].key for n in picked))
+    assert picks[0] == picks[1]
 
 
 def test_node_that_missed_rounds_is_sent_exactly_the_base_updates_it_lacks():

@@ -1,0 +1,115 @@
+"""HetLoRA: zero-padding with sparsity-weighted aggregation (Cho et al. 2024,
+"Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+arXiv 2401.06432).
+
+Why: with mixed ranks, zero-padded FedAvg weights a client only by its data size,
+so updates that carry little (a low-rank, zero-padded update is mostly zeros; a
+client that barely moved has a small update) pull the global factors towards zero
+as hard as updates that carry a lot. HetLoRA weights each client by the size of
+its update instead: ``w_k = ||s_k B_k A_k||_F / sum_j ||s_j B_j A_j||_F``, computed
+per module (the paper states it for one LoRA matrix; we apply it to each adapted
+module separately) on the folded update, so alpha and rank scalings count. The
+norm is taken on the low-rank factors (``linalg.lowrank_fro_norm``), never densely.
+
+The paper's weight is the norm alone, with no example counts. We follow it by
+default; ``weight_by_examples=True`` uses ``n_k * ||s_k B_k A_k||_F`` (normalised),
+an option for federations whose data sizes differ a lot. If every client's update
+of a module is exactly zero, the norms say nothing and we fall back to p_k.
+
+Aggregation zero-pads the folded factors ``s_k B_k`` and ``A_k`` to max_rank and
+averages them with these weights (as FedAvg does with p_k); the server sends each
+client the first r_k components ("truncation"). Like FedAvg this averages factors,
+not products, so it is inexact (the weighted covariance of the factors), and
+components above a client's rank are averaged with its zeros and shrink. Note that
+``diagnostics.relative_error`` measures against T with example weights p_k, so for
+HetLoRA it also includes the deliberate difference between w_k and p_k.
+
+Not implemented: the paper's local rank self-pruning (a client drops trailing
+components whose norm is small and reports a smaller rank). It is a client-side
+training rule; this server side already accepts any rank <= max_rank each round,
+so a client that prunes just reports the smaller rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregation import register
+from aggregation.base import (
+    Aggregation,
+    ClientInfo,
+    ClientUpdate,
+    Downlink,
+    ModelSpec,
+    Tensors,
+)
+from aggregation.fedavg import padded_weighted_mean
+from aggregation.init import lora_init
+from aggregation.linalg import (
+    example_weights,
+    fold,
+    lowrank_fro_norm,
+    truncated_downlink,
+)
+
+
+@dataclass(frozen=True)
+class HetState:
+    """Folded global factors at max rank (B multiplied by s), as in FedAvg."""
+
+    factors: Tensors
+    max_rank: int
+
+
+def sparsity_weights(
+    updates: Sequence[ClientUpdate], module: str, *, weight_by_examples: bool = False
+) -> np.ndarray:
+    """w_k proportional to ||s_k B_k A_k||_F (times n_k if asked), summing to 1."""
+    p = example_weights(updates)
+    norms = np.array(
+        [
+            lowrank_fro_norm({"B": fold(u, "B", module), "A": u.tensors[module]["A"]})
+            for u in updates
+        ]
+    )
+    raw = norms * p if weight_by_examples else norms
+    total = raw.sum()
+    if total == 0.0:
+        return p  # all updates zero: nothing to tell them apart but their data
+    return raw / total
+
+
+@register("hetlora")
+class HetLoRA:
+    """Zero-padded factor averaging, weighted by the Frobenius norm of each update."""
+
+    uplink = frozenset({"A", "B"})
+    adapter_kind = "lora"
+
+    def __init__(self, *, weight_by_examples: bool = False) -> None:
+        self.weight_by_examples = weight_by_examples
+
+    def init_state(self, spec: ModelSpec) -> HetState:
+        return HetState(factors=lora_init(spec, purpose="hetlora"), max_rank=spec.max_rank)
+
+    def downlink(self, state: HetState, client: ClientInfo) -> Downlink:
+        return truncated_downlink(state.factors, client, state.max_rank)
+
+    def aggregate(self, state: HetState, updates: Sequence[ClientUpdate]) -> Aggregation:
+        factors = {}
+        for name in state.factors:
+            w = sparsity_weights(updates, name, weight_by_examples=self.weight_by_examples)
+            factors[name] = padded_weighted_mean(updates, w, name, state.max_rank)
+        return Aggregation(state=HetState(factors=factors, max_rank=state.max_rank))
+
+    def global_delta(self, state: HetState) -> Tensors:
+        return {name: {"B": f["B"].copy(), "A": f["A"].copy()} for name, f in state.factors.items()}
+
+    def client_delta(self, state: HetState, update: ClientUpdate) -> Tensors:
+        return {
+            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], dtype=np.float64)}
+            for name, f in update.tensors.items()
+        }

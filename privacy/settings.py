@@ -1,0 +1,134 @@
+"""DP settings: from the run config, overridden per node by its ``node_config``.
+
+Keys (run config and node config alike; 0 / empty means off):
+
+  dp-epsilon           target ε over everything this node's data is ever trained on
+  dp-delta             δ of the (ε, δ) guarantee (default 1e-5)
+  dp-noise-multiplier  fixed noise multiplier σ; 0: calibrate σ once per run from dp-epsilon
+  dp-max-grad-norm     per-example clipping bound C
+  dp-accountant        prv (reported figures, default) | rdp
+  dp-on-budget         decline | truncate, when a round would pass dp-epsilon
+  dp-grad-sample-mode  hooks (default) | ghost | functorch
+  dp-state-dir         where the per-node privacy history lives (default .cache/privacy)
+
+Local DP-SGD is on when dp-epsilon or dp-noise-multiplier is > 0. A node's own
+``node_config`` wins over the run config, so an organisation can demand a stricter
+budget than the federation's default. The central-DP keys (dp-central-clip,
+dp-central-noise) are run-wide only: the server calibrates its noise to one clip, so
+a node may not change it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import check_accountant
+from privacy.budget import check_policy
+from privacy.central import check_central_dp
+from privacy.dpsgd import check_grad_sample_mode
+
+DEFAULT_DELTA = 1e-5
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPSettings:
+    epsilon: float = 0.0
+    delta: float = DEFAULT_DELTA
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    on_budget: str = "decline"
+    grad_sample_mode: str = "hooks"
+    state_dir: str = ""
+    noise_seed: int | None = None  # tests only: None draws from the OS (see privacy.dpsgd)
+    sampling_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in (("dp-epsilon", self.epsilon), ("dp-noise-multiplier", self.noise_multiplier)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{key} must be a finite number >= 0 (0 = off), got {value}")
+        if not self.enabled:
+            return  # the remaining keys only matter with DP on
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp-delta must be in (0, 1) with DP on, got {self.delta}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"dp-max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+        check_accountant(self.accountant)
+        check_policy(self.on_budget)
+        check_grad_sample_mode(self.grad_sample_mode)
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon > 0 or self.noise_multiplier > 0
+
+    @property
+    def has_target(self) -> bool:
+        return self.epsilon > 0
+
+    def ledger_directory(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        from client.presets import cache_dir  # the project's cache (FEDLORA_CACHE overrides)
+
+        return cache_dir() / "privacy"
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number")
+    return float(value)
+
+
+#: config key -> (DPSettings field, how a node-config value is read)
+LOCAL_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "dp-epsilon": ("epsilon", _number),
+    "dp-delta": ("delta", _number),
+    "dp-noise-multiplier": ("noise_multiplier", _number),
+    "dp-max-grad-norm": ("max_grad_norm", _number),
+    "dp-accountant": ("accountant", str),
+    "dp-on-budget": ("on_budget", str),
+    "dp-grad-sample-mode": ("grad_sample_mode", str),
+    "dp-state-dir": ("state_dir", str),
+}
+CENTRAL_KEYS = ("dp-central-clip", "dp-central-noise")
+
+
+def local_dp(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> DPSettings | None:
+    """This node's DP-SGD settings, or None when DP-SGD is off for it.
+
+    ``run_config`` uses Flower's hyphenated keys (``RunConfig.to_flower()`` or
+    ``context.run_config``); ``node_config`` values override them.
+    """
+    node = dict(node_config or {})
+    central = sorted(k for k in CENTRAL_KEYS if k in node)
+    if central:
+        raise ValueError(f"node config may not set {central}: central DP is calibrated run-wide")
+    values: dict[str, Any] = {}
+    for source, where in ((run_config, "run config"), (node, "node config")):
+        for key, (name, read) in LOCAL_KEYS.items():
+            if key in source:
+                try:
+                    values[name] = read(source[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{where} {key}: {source[key]!r} is not valid") from None
+    settings = DPSettings(**values)
+    return settings if settings.enabled else None
+
+
+def check_run_config(run_config: Mapping[str, Any]) -> None:
+    """Validate every dp-* key of a run config up front, naming the bad one."""
+    local_dp(run_config)
+    clip = float(run_config.get("dp-central-clip", 0.0))
+    noise = float(run_config.get("dp-central-noise", 0.0))
+    if not (math.isfinite(clip) and clip >= 0):
+        raise ValueError(f"dp-central-clip must be a finite number >= 0 (0 = off), got {clip}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"dp-central-noise must be a finite number >= 0, got {noise}")
+    if noise > 0 and clip == 0:
+        raise ValueError(f"dp-central-noise {noise} needs dp-central-clip > 0: noise is calibrated to the clip")
+    if clip > 0:
+        check_central_dp(str(run_config.get("aggregator", "")))

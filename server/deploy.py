@@ -1,0 +1,278 @@
+"""Real deployment: ``fedlora coordinator ...`` and ``fedlora run`` (clients: client/enroll.py).
+
+  fedlora coordinator certs --hostname H --out DIR     a CA and a server certificate for H
+  fedlora coordinator start [--host --port --db ...]   Flower's flower-superlink: TLS and
+                                                       SuperNode authentication on, state in
+                                                       a database file
+  fedlora coordinator check --coordinator H:P --ca F   TLS handshake + health (healthchecks)
+  fedlora run --coordinator H:P --ca F [--rounds ...]  submit the app with ``flwr run``
+
+The ServerApp runs inside the coordinator (the SuperLink starts it per run) and logs
+rounds to the coordinator's database: run-config ``db-url`` when the run sets it, else
+the coordinator's ``--db`` (handed to it as FEDLORA_DB_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import socket
+import tomllib
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import client.enroll  # noqa: F401  (registers the ``client`` command)
+from server.certs import TlsFiles, certificate_names, generate_tls, probe
+from server.cli import _COMMAND_MODULES, _COMMANDS, PROJECT_ROOT, console, register_command
+from server.config import DB_ENV, RunConfig, default_db_url
+from server.db.session import masked, open_database
+from server.launch import (
+    DEFAULT_PORT, Daemon, add_connection_args, connection_ca, flower_env, flwr_json, parse_assignment, reported,
+    run_flwr, write_connection, write_toml,
+)
+from server.simulation import flower_bin
+
+READY_TIMEOUT = 90.0
+SUBMIT_TIMEOUT = 300.0  # building and uploading the app bundle
+
+
+# --- coordinator ---------------------------------------------------------------------------
+
+
+def _add_coordinator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("coordinator", help="run the coordinator (Flower SuperLink + ServerApp)")
+    actions = p.add_subparsers(dest="action", required=True)
+
+    start = actions.add_parser("start", help="start the SuperLink (TLS and SuperNode authentication on)")
+    start.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
+    start.add_argument("--port", type=int, default=DEFAULT_PORT, help="one port for Fleet, Control and Runtime APIs")
+    start.add_argument("--hostname", action="append", default=None,
+                       help="name clients use to reach this machine (repeatable; generated certificate, "
+                            "printed address). Default: this machine's host name")
+    start.add_argument("--home", default=".flwr/coordinator",
+                       help="state directory: SuperLink database, Flower home, generated certificates")
+    start.add_argument("--ca", default=None, help="CA certificate (PEM); with --cert and --key")
+    start.add_argument("--cert", default=None, help="server certificate (PEM)")
+    start.add_argument("--key", default=None, help="server private key (PEM)")
+    start.add_argument("--db", default=None, help=f"round-log database URL (default: ${DB_ENV} or runs/fedlora.db)")
+    start.add_argument("--insecure", action="store_true", help="no TLS (needs --no-node-auth); testing only")
+    start.add_argument("--no-node-auth", action="store_true", help="accept any SuperNode; testing only")
+
+    certs = actions.add_parser("certs", help="generate a CA and a server certificate for a host name")
+    certs.add_argument("--hostname", action="append", required=True, help="DNS name or IP (repeatable)")
+    certs.add_argument("--out", required=True, help="directory for ca.crt, ca.key, server.crt, server.key")
+    certs.add_argument("--days", type=int, default=825)
+    certs.add_argument("--force", action="store_true", help="replace existing certificates")
+
+    check = actions.add_parser("check", help="check that a coordinator answers over TLS with this CA")
+    add_connection_args(check)
+    check.add_argument("--timeout", type=float, default=5.0)
+
+
+@reported
+def coordinator(args: argparse.Namespace) -> int:
+    actions: dict[str, Callable[[argparse.Namespace], int]] = {
+        "start": coordinator_start, "certs": coordinator_certs, "check": coordinator_check,
+    }
+    return actions[args.action](args)
+
+
+def coordinator_certs(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser().resolve()
+    existing = TlsFiles.in_dir(out)
+    if existing.complete() and not args.force:
+        console.print(f"certificates already in {out}; keeping them (--force replaces them)", markup=False)
+        return 0
+    files = generate_tls(out, hostnames=args.hostname, days=args.days)
+    console.print(f"CA certificate:     {files.ca_cert}  (give this file to every client)", markup=False)
+    console.print(f"server certificate: {files.server_cert}  (for {', '.join(args.hostname)})", markup=False)
+    console.print(f"server key:         {files.server_key}", markup=False)
+    return 0
+
+
+def coordinator_check(args: argparse.Namespace) -> int:
+    ca = connection_ca(args)
+    probe(args.coordinator, ca=ca, tls=not args.insecure, timeout=args.timeout)
+    console.print(f"coordinator {args.coordinator} is up ({'TLS verified' if ca else 'no TLS'})", markup=False)
+    return 0
+
+
+def coordinator_start(args: argparse.Namespace) -> int:
+    if args.insecure and not args.no_node_auth:
+        raise ValueError("--insecure needs --no-node-auth: Flower authenticates SuperNodes only over TLS")
+    home = Path(args.home).expanduser().resolve()
+    hostnames = args.hostname or [socket.gethostname()]
+    db_url = args.db or default_db_url()
+    open_database(db_url)  # unreachable or invalid: fails now, naming the URL
+    _check_port_free(args.host, args.port)
+    tls = None if args.insecure else _server_tls(args, home / "certs", hostnames)
+
+    command = [flower_bin("flower-superlink"), "--host", args.host, "--port", str(args.port),
+               "--database", str(home / "superlink-state.db"), "--isolation", "subprocess",
+               "--disable-runtime-dependency-installation"]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                    "--ssl-keyfile", str(tls.server_key)]
+    if not args.no_node_auth:
+        command.append("--enable-supernode-auth")
+    (home / "flwr").mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(command=command, env=flower_env(home / "flwr", {DB_ENV: db_url}))
+    daemon.start()
+    local = f"{_loopback(args.host)}:{args.port}"
+    try:
+        daemon.wait_ready(lambda: _answers(local, tls=tls is not None), timeout=READY_TIMEOUT, what="flower-superlink")
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}\n{daemon.output()[-3000:]}") from None
+    address = f"{hostnames[0]}:{args.port}"
+    connect = f"--coordinator {address} " + (f"--ca {tls.ca_cert}" if tls else "--insecure")
+    console.print(
+        f"\nfedlora coordinator ready on {args.host}:{args.port} (TLS {'on' if tls else 'off'}, "
+        f"SuperNode authentication {'off' if args.no_node_auth else 'on'})\n"
+        f"  clients connect with: {connect}\n"
+        f"  CA certificate:       {tls.ca_cert if tls else '-'}  (copy it to every client machine)\n"
+        f"  enroll a node:        fedlora client enroll {connect} --name NAME\n"
+        f"  SuperLink state:      {home / 'superlink-state.db'}\n"
+        f"  round log:            {masked(db_url)}\n",
+        markup=False, highlight=False,
+    )
+    return daemon.wait()
+
+
+def _server_tls(args: argparse.Namespace, generated: Path, hostnames: list[str]) -> TlsFiles:
+    given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}
+    if any(given.values()):
+        missing = [flag for flag, value in given.items() if not value]
+        if missing:
+            raise ValueError(f"TLS needs --ca, --cert and --key together; missing {', '.join(missing)}")
+        for flag, value in given.items():
+            if not Path(value).expanduser().is_file():
+                raise FileNotFoundError(f"{flag} {value!r} does not exist")
+        return TlsFiles(ca_cert=Path(args.ca).expanduser().resolve(), ca_key=None,
+                        server_cert=Path(args.cert).expanduser().resolve(),
+                        server_key=Path(args.key).expanduser().resolve())
+    files = TlsFiles.in_dir(generated)
+    if files.complete():
+        unnamed = [h for h in hostnames if h not in certificate_names(files.server_cert)]
+        if unnamed:  # clients would fail later with an obscure TLS error
+            raise ValueError(f"the certificate in {generated} does not name {', '.join(map(repr, unnamed))} "
+                             f"(it names {', '.join(certificate_names(files.server_cert))}); remove {generated} "
+                             "to generate new ones (enrolled nodes then need the new CA)")
+        return files
+    console.print(f"no certificates given: generating a CA and a server certificate for "
+                  f"{', '.join(hostnames)} in {generated}", markup=False)
+    return generate_tls(generated, hostnames=hostnames)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    # A busy port would let the readiness check talk to some other server.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _loopback(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+
+
+def _answers(address: str, *, tls: bool) -> bool:
+    try:
+        probe(address, ca=None, tls=tls, timeout=2.0)
+        return True
+    except ConnectionError:
+        return False
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="submit a run of the app to a running coordinator")
+    add_connection_args(p)
+    p.add_argument("--db", default=None, help="round-log database URL for this run (default: the coordinator's)")
+    p.add_argument("--rounds", type=int, default=None, help="num-server-rounds")
+    p.add_argument("--aggregator", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run-config key, e.g. --set model=tiny --set ranks=4,8 (repeatable)")
+    p.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app directory (default: this project)")
+    p.add_argument("--home", default=".flwr/cli", help="Flower home for the flwr CLI (connection config)")
+    p.add_argument("--detach", action="store_true", help="submit and return; do not stream the run's log")
+
+
+@reported
+def run(args: argparse.Namespace) -> int:
+    overrides = run_overrides(args)
+    app = Path(args.app).expanduser().resolve()
+    RunConfig.from_flower({**app_defaults(app), **overrides})  # bad keys/values: named, before submitting
+    ca = connection_ca(args)
+    probe(args.coordinator, ca=ca, tls=not args.insecure)
+    home = Path(args.home).expanduser().resolve()
+    connection = write_connection(home, address=args.coordinator, ca=ca)
+    config_file = write_toml(home / "runs" / f"{overrides['run-tag']}.toml", overrides)
+
+    result = run_flwr(["run", str(app), connection, "--run-config", str(config_file), "--format", "json"],
+                      home=home, timeout=SUBMIT_TIMEOUT)
+    reply = _succeeded(result, "flwr run")
+    run_id = reply["run-id"]
+    console.print(f"submitted run {run_id} (tag {overrides['run-tag']}) to {args.coordinator}", markup=False)
+    if args.detach:
+        console.print(f"follow it: FLWR_HOME={home} flwr log {run_id} {connection}", markup=False)
+        return 0
+    stream = Daemon(command=[flower_bin("flwr"), "log", str(run_id), connection, "--stream"], env=flower_env(home))
+    stream.start()
+    stream.wait()
+    status = _succeeded(run_flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"],
+                                  home=home, timeout=60), "flwr ls")["runs"][0]
+    if status["status"] != "finished:completed":
+        console.print(f"run {run_id} {status['status']}: {status.get('status-details', '')}", style="red", markup=False)
+        return 1
+    where = f"'{masked(args.db)}'" if args.db else "<the coordinator's database>"
+    console.print(f"run {run_id} completed; rounds: fedlora runs --db {where}", markup=False)
+    return 0
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = [parse_assignment(text, option="--set") for text in args.overrides]
+    overrides: dict[str, Any] = dict(pairs)
+    named = {"num-server-rounds": args.rounds, "aggregator": args.aggregator, "db-url": args.db}
+    overrides.update({key: value for key, value in named.items() if value is not None})
+    overrides.setdefault("run-tag", uuid.uuid4().hex[:16])
+    return overrides
+
+
+def app_defaults(app: Path) -> dict[str, Any]:
+    pyproject = app / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FileNotFoundError(f"app directory {str(app)!r} has no pyproject.toml")
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"].get("config", {})
+
+
+def _succeeded(result: Any, what: str) -> dict[str, Any]:
+    reply = flwr_json(result, what)
+    if not reply.get("success"):
+        raise RuntimeError(f"{what} failed: {reply.get('error-message', reply)}")
+    return reply
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    """The ``fedlora`` argument parser, as ``server.cli.main`` builds it (for consistency checks)."""
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog="fedlora")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_arguments, _ in _COMMANDS.values():
+        add_arguments(sub)
+    return parser
+
+
+register_command("coordinator", _add_coordinator, coordinator)
+register_command("run", _add_run, run)

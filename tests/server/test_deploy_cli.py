@@ -1,0 +1,291 @@
+"""Deployment commands: bad input stops them within seconds with the offending value named,
+before any Flower process starts; helpers produce what Flower 1.41 reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.data import load_examples
+from client.enroll import device_env, node_config
+from server.certs import TlsFiles, generate_node_keys, generate_tls
+from server.cli import main
+from server.deploy import run_overrides
+from server.launch import Daemon, parse_assignment, write_connection
+from server.simulation import free_port
+from tests.server.test_deploy_certs import tls_server
+
+FAST = 15.0  # seconds; every failure below must be reported well within this
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> TlsFiles:
+    return generate_tls(tmp_path_factory.mktemp("pki"), hostnames=["coordinator.example"])
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory) -> Path:
+    return generate_tls(tmp_path_factory.mktemp("other"), hostnames=["coordinator.example"]).ca_cert
+
+
+@pytest.fixture(scope="module")
+def tls_address(pki) -> Iterator[str]:
+    with tls_server(pki) as address:
+        yield address
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = load_examples("chatterbot")[:5]
+    path.write_text("".join(json.dumps({"instruction": e.prompt, "output": e.response}) + "\n" for e in rows))
+    return path
+
+
+@pytest.fixture
+def node_home(tmp_path):
+    home = tmp_path / "node"
+    generate_node_keys(home)
+    return home
+
+
+def fails(capsys, args: list[str], *needles: str) -> str:
+    started = time.monotonic()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr().out.replace("\n", "")
+    assert code == 2, out
+    for needle in needles:
+        assert needle in out, out
+    assert time.monotonic() - started < FAST
+    return out
+
+
+def dead_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+# --- client start ---------------------------------------------------------------------------
+
+
+def _start(home, data, *extra, coordinator=None, ca=None):
+    return ["client", "start", "--coordinator", coordinator or dead_address(), "--home", home, "--data", data,
+            *(["--ca", ca] if ca else ["--insecure"]), *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--rank", "0"], "rank 0"),
+        (["--rank", "65"], "rank 65"),
+        (["--rank", "20", "--max-rank", "16"], "1..16"),
+        (["--rank", "4", "--device", "gpu"], "'gpu'"),
+        (["--rank", "4", "--set", "lora-rank=8"], "'lora-rank=8'"),
+        (["--rank", "4", "--alpha", "-1"], "-1"),
+    ],
+)
+def test_client_start_refuses_bad_node_config(capsys, node_home, data_file, extra, needle):
+    fails(capsys, _start(node_home, data_file, *extra), needle)
+    assert not (node_home / "flwr").exists()  # nothing was launched
+
+
+def test_client_start_names_a_missing_data_file(capsys, node_home, tmp_path):
+    fails(capsys, _start(node_home, tmp_path / "missing.jsonl", "--rank", "4"), "missing.jsonl")
+
+
+def test_client_start_names_a_malformed_data_row(capsys, node_home, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "no output"}\n')
+    fails(capsys, _start(node_home, bad, "--rank", "4"), "bad.jsonl:2", "'output'")
+
+
+def test_client_start_names_a_missing_key_file(capsys, tmp_path, data_file):
+    fails(capsys, _start(tmp_path / "empty-home", data_file, "--rank", "4"), str(tmp_path / "empty-home" / "node.key"))
+    fails(capsys, _start(tmp_path, data_file, "--rank", "4", "--key", tmp_path / "k.key"), str(tmp_path / "k.key"))
+
+
+def test_client_start_names_a_corrupt_key_file(capsys, tmp_path, data_file):
+    key = tmp_path / "node.key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnope\n")
+    fails(capsys, _start(tmp_path, data_file, "--rank", "4"), str(key))
+
+
+def test_client_start_names_an_address_that_does_not_answer(capsys, node_home, data_file, pki):
+    address = dead_address()
+    fails(capsys, _start(node_home, data_file, "--rank", "4", coordinator=address, ca=pki.ca_cert),
+          f"'{address}' does not answer")
+    assert not (node_home / "flwr").exists()
+
+
+def test_client_start_names_a_wrong_ca(capsys, node_home, data_file, tls_address, other_ca):
+    fails(capsys, _start(node_home, data_file, "--rank", "4", coordinator=tls_address, ca=other_ca),
+          "not trusted", str(other_ca))
+
+
+def test_client_start_names_a_missing_ca_file(capsys, node_home, data_file, tmp_path):
+    fails(capsys, _start(node_home, data_file, "--rank", "4", ca=tmp_path / "ca.crt"), str(tmp_path / "ca.crt"))
+
+
+# --- client enroll --------------------------------------------------------------------------
+
+
+def test_enroll_refuses_a_bad_name(capsys, tmp_path, pki):
+    fails(capsys, ["client", "enroll", "--name", "bad name", "--home", tmp_path, "--ca", pki.ca_cert], "'bad name'")
+
+
+def test_enroll_names_an_address_that_does_not_answer(capsys, tmp_path, pki):
+    address = dead_address()
+    fails(capsys, ["client", "enroll", "--name", "n1", "--home", tmp_path, "--coordinator", address,
+                   "--ca", pki.ca_cert], f"'{address}' does not answer")
+
+
+def test_enroll_names_a_wrong_ca(capsys, tmp_path, tls_address, other_ca):
+    fails(capsys, ["client", "enroll", "--name", "n1", "--home", tmp_path, "--coordinator", tls_address,
+                   "--ca", other_ca], "not trusted", str(other_ca))
+
+
+def test_enroll_needs_a_ca_or_insecure(capsys, tmp_path, pki):
+    fails(capsys, ["client", "enroll", "--name", "n1", "--home", tmp_path], "--ca is required")
+    fails(capsys, ["client", "enroll", "--name", "n1", "--home", tmp_path, "--insecure", "--ca", pki.ca_cert],
+          "contradict")
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--set", "bogus=1"], "'bogus'"),
+        (["--set", "ranks=4,999"], "rank 999"),
+        (["--aggregator", "nope"], "'nope'"),
+        (["--rounds", "0"], "num-server-rounds"),
+        (["--set", "novalue"], "'novalue'"),
+    ],
+)
+def test_run_validates_the_run_config_before_submitting(capsys, tmp_path, extra, needle):
+    fails(capsys, ["run", "--home", tmp_path / "cli", "--insecure", "--coordinator", dead_address(), *extra], needle)
+    assert not (tmp_path / "cli").exists()
+
+
+def test_run_names_an_address_that_does_not_answer(capsys, tmp_path, pki):
+    address = dead_address()
+    fails(capsys, ["run", "--home", tmp_path, "--coordinator", address, "--ca", pki.ca_cert],
+          f"'{address}' does not answer")
+
+
+def test_run_names_a_wrong_ca(capsys, tmp_path, tls_address, other_ca):
+    fails(capsys, ["run", "--home", tmp_path, "--coordinator", tls_address, "--ca", other_ca],
+          "not trusted", str(other_ca))
+
+
+# --- coordinator start -----------------------------------------------------------------------
+
+
+def _coordinator(tmp_path, *extra):
+    return ["coordinator", "start", "--host", "127.0.0.1", "--port", free_port(), "--home", tmp_path / "home",
+            "--db", f"sqlite:///{tmp_path}/runs.db", *extra]
+
+
+def test_coordinator_refuses_node_auth_without_tls(capsys, tmp_path):
+    fails(capsys, _coordinator(tmp_path, "--insecure"), "--no-node-auth")
+    assert not (tmp_path / "home").exists()
+
+
+def test_coordinator_names_missing_tls_files(capsys, tmp_path, pki):
+    fails(capsys, _coordinator(tmp_path, "--ca", pki.ca_cert), "missing --cert, --key")
+    fails(capsys, _coordinator(tmp_path, "--ca", pki.ca_cert, "--cert", tmp_path / "s.crt", "--key", pki.server_key),
+          str(tmp_path / "s.crt"))
+
+
+def test_coordinator_names_a_busy_port(capsys, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fails(capsys, ["coordinator", "start", "--host", "127.0.0.1", "--port", port, "--home", tmp_path / "home",
+                       "--db", f"sqlite:///{tmp_path}/runs.db"], f"127.0.0.1:{port}")
+
+
+def test_coordinator_names_an_unusable_database(capsys, tmp_path):
+    fails(capsys, _coordinator(tmp_path, "--db", "postgresql+psycopg2://u:secret@127.0.0.1:1/x"), "127.0.0.1:1/x")
+    assert "secret" not in capsys.readouterr().out
+
+
+# --- helpers: what Flower reads ---------------------------------------------------------------
+
+
+def test_connection_config_is_read_by_flower(tmp_path, monkeypatch, pki):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    name = write_connection(tmp_path, address="coordinator:9093", ca=pki.ca_cert)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    connection = read_superlink_connection(name)
+    assert connection.address == "coordinator:9093"
+    assert connection.root_certificates == str(pki.ca_cert)
+    assert not connection.insecure
+
+
+def test_node_config_passes_dp_keys_through(data_file):
+    config = node_config(rank=8, max_rank=64, data=str(data_file), alpha=32.0, device="cpu",
+                         extra=["dp-noise-multiplier=1.1", "dp-accountant=prv"])
+    assert config == {"lora-rank": 8, "data-path": str(data_file), "device": "cpu", "lora-alpha": 32.0,
+                      "dp-noise-multiplier": 1.1, "dp-accountant": "prv"}
+
+
+def test_node_config_file_is_parsed_by_flower(tmp_path, data_file):
+    from flwr.common.config import parse_config_args
+
+    from server.launch import write_toml
+
+    config = node_config(rank=4, max_rank=64, data=str(data_file), alpha=None, device="auto",
+                         extra=['dp-note=say "hi"'])
+    assert parse_config_args([str(write_toml(tmp_path / "node-config.toml", config))]) == config
+
+
+@pytest.mark.parametrize("device, env", [("auto", {}), ("cuda", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
+                                         ("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"})])
+def test_device_maps_to_visible_gpus(device, env):
+    assert device_env(device) == env
+
+
+@pytest.mark.parametrize("text, expected", [("a=1", ("a", 1)), ("a=0.5", ("a", 0.5)), ("a=true", ("a", True)),
+                                            ("a=tiny", ("a", "tiny")), ("a=4,8", ("a", "4,8")),
+                                            ('a="x y"', ("a", "x y"))])
+def test_assignments_parse_toml_literals_or_strings(text, expected):
+    assert parse_assignment(text, option="--set") == expected
+
+
+def test_run_overrides_map_named_options_to_run_config_keys():
+    import argparse
+
+    args = argparse.Namespace(overrides=["model=tiny"], rounds=2, aggregator="flora", db="sqlite:///x.db")
+    overrides = run_overrides(args)
+    assert overrides["num-server-rounds"] == 2 and overrides["aggregator"] == "flora"
+    assert overrides["db-url"] == "sqlite:///x.db" and overrides["model"] == "tiny"
+    assert len(overrides["run-tag"]) == 16
+
+
+def test_daemon_forwards_sigterm_and_returns_the_exit_code():
+    script = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+              "print('up', flush=True); time.sleep(60)")
+    daemon = Daemon(command=[sys.executable, "-c", script], env=dict(os.environ), ready_line="up")
+    daemon.start()
+    daemon.wait_ready(daemon.ready.is_set, timeout=30, what="child")
+
+    def terminate_when_forwarding() -> None:  # as docker stop / Ctrl-C would, once wait() listens
+        deadline = time.monotonic() + 20
+        while signal.getsignal(signal.SIGTERM) != daemon._forward and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_forwarding, daemon=True).start()
+    assert daemon.wait() == 7

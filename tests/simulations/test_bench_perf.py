@@ -1,0 +1,19 @@
+"""The performance suite's parts that need no simulation (the rest is exercised by hand)."""
+
+import math
+
+from simulations.bench_perf import db_write_time, wire_overhead
+
+
+def test_wire_bytes_cover_the_payload_and_overhead_is_small():
+    rows = wire_overhead()
+    for name, row in rows.items():
+        assert row["wire_bytes"] >= row["payload_bytes"] > 0, name
+        assert row["overhead_ratio"] < 1.5, name  # framing, not a second copy of the arrays
+    # Fed-SB's first message carries frozen A and B, FedAvg's the full factors: both real payloads
+    assert rows["fed-sb"]["payload_bytes"] > 0
+
+
+def test_db_write_time_is_measured(tmp_path):
+    row = db_write_time(f"sqlite:///{tmp_path}/b.db", repeats=3)
+    assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0

@@ -196,7 +196,11 @@ class LoraStrategy(Strategy):
         if not 1 <= rank <= self.spec.max_rank:
             raise ValueError(f"rank {rank} outside 1..{self.spec.max_rank}")
         key = str(reply.content["identity"]["node-key"]) if "identity" in reply.content.config_records else ""
-        return NodeState(key=key or str(reply.metadata.src_node_id), rank=rank, alpha=alpha,
+        key = key or str(reply.metadata.src_node_id)
+        holder = next((n for n, s in self.nodes.items() if s.key == key and n != reply.metadata.src_node_id), None)
+        if holder is not None:
+            raise ValueError(f"node key {key!r} is already used by node {holder}; node keys must be unique")
+        return NodeState(key=key, rank=rank, alpha=alpha,
                          num_examples=int(info["num-examples"]))
 
     def _sample(self, grid: Grid, exclude: set[int], count: int) -> list[int]:
@@ -237,7 +241,7 @@ class LoraStrategy(Strategy):
 
     def _payload(self, server_round: int, node: int) -> RecordDict:
         known = self.nodes[node]
-        client = ClientInfo(node_id=str(node), rank=known.rank, alpha=known.alpha)
+        client = ClientInfo(node_id=known.key, rank=known.rank, alpha=known.alpha)
         down = self.aggregator.downlink(self.state, client)
         frozen_hash = tensors_hash(down.frozen) if down.frozen else ""
         settings = {
@@ -276,12 +280,15 @@ class LoraStrategy(Strategy):
                 break
             more = self._grid.send_and_receive(self._messages(server_round, extra), timeout=self.round_timeout)
             updates += self._collect(more)
-        for node_id, reason in norm_outliers(updates, self.limits).items():
-            self._pending[int(node_id)] = self._replace(self._pending[int(node_id)], status="rejected", reason=reason)
-        updates = [u for u in updates if self._pending[int(u.node_id)].status == "ok"]
+        # ClientUpdate.node_id is the node's stable key (Flower ids change every run)
+        flower_id = {self.nodes[n].key: n for n in self._pending if n in self.nodes}
+        for key, reason in norm_outliers(updates, self.limits).items():
+            node = flower_id[key]
+            self._pending[node] = self._replace(self._pending[node], status="rejected", reason=reason)
+        updates = [u for u in updates if self._pending[flower_id[u.node_id]].status == "ok"]
         # Replies arrive in any order; aggregate in node-key order so that the float
         # sums (and FLoRA's stacking order) are the same in every run of this seed.
-        updates.sort(key=lambda u: self.nodes[int(u.node_id)].key)
+        updates.sort(key=lambda u: u.node_id)
 
         start = time.perf_counter()
         aggregated, rel_err, loss = False, None, None
@@ -370,7 +377,7 @@ class LoraStrategy(Strategy):
         if not np.isfinite(loss):
             raise ValueError(f"train-loss is {loss}")
         return ClientUpdate(
-            node_id=str(node),
+            node_id=known.key,
             num_examples=int(metrics["num-examples"]),
             rank=known.rank,
             alpha=known.alpha,

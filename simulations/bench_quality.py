@@ -155,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         aggregation.get_class(name)  # unknown names fail before anything runs
     args.out.mkdir(parents=True, exist_ok=True)
-    extra = ["--dp-epsilon", str(args.dp_epsilon)] if args.dp_epsilon else []
-    rows = [run_aggregator(name, size, args.out, args.seed, extra) for name in names]
+    def extra(name: str) -> list[str]:
+        # each method gets its own privacy ledger: they must not spend each other's budget
+        if not args.dp_epsilon:
+            return []
+        return ["--dp-epsilon", str(args.dp_epsilon), "--dp-state-dir", str(args.out / "dp-state" / name)]
+
+    rows = [run_aggregator(name, size, args.out, args.seed, extra(name)) for name in names]
     rows += list(references(size, args.seed))
     title = f"{size['model']}: {size['num_clients']} clients, {size['partition']}, ranks {size['ranks']}" + (
         f", DP eps={args.dp_epsilon}" if args.dp_epsilon else "")

@@ -1,5 +1,7 @@
 """One real 2-round simulation with DP-SGD: a node whose budget is spent declines, the
-database says why, the others report their ε, and the summary shows the maximum."""
+database says why, the others report their ε, and the summary shows the maximum. The
+same run has central DP on (clients clip, the wrapped aggregator adds noise), so that
+wiring is exercised end to end too."""
 
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ def test_exhausted_node_declines_and_the_database_says_why(tmp_path, capsys):
         "--ranks", "2,4,8", "--local-steps", "3", "--lr", "0.05", "--eval-examples", "8", "--max-seq-len", "48",
         "--rounds", "2", "--db", db, "--home", str(tmp_path / "flwr"),
         "--dp-epsilon", str(TARGET), "--dp-max-grad-norm", "1.0", "--dp-state-dir", str(state_dir),
+        "--dp-central-clip", "1.0", "--dp-central-noise", "0.1",
     ])
     out = capsys.readouterr().out
     assert code == 0, out
     with Session(open_database(db)) as s:
         (run,) = s.scalars(select(Run)).all()
         assert run.status == "completed"
+        assert [r.num_aggregated for r in run.rounds] == [2, 2]
         rows = s.scalars(select(ClientUpdateRecord).order_by(ClientUpdateRecord.round_number)).all()
     declined = [r for r in rows if r.status == "declined"]
     ok = [r for r in rows if r.status == "ok"]

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 ARGS = ["simulate", "--model", "tiny", "--max-rank", "16", "--aggregator", "flora", "--num-clients", "3",
-        "--clients-per-round", "2", "--ranks", "2,4,8", "--rounds", "3", "--local-steps", "2", "--lr", "0.05",
+        "--clients-per-round", "2", "--ranks", "2,4,8", "--rounds", "4", "--local-steps", "2", "--lr", "0.05",
         "--eval-examples", "8", "--max-seq-len", "48", "--seed", "3"]
 
 
@@ -87,7 +87,9 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     with Session(engine) as s:
         (run,) = s.scalars(select(Run)).all()
         assert run.status == "running"  # nobody could record anything
-        assert s.scalar(select(func.count()).select_from(RoundRecord)) == 1
+        # tiny rounds take about a second: the kill lands somewhere after round 1, before the end
+        committed = s.scalar(select(func.count()).select_from(RoundRecord))
+        assert 1 <= committed < 4, committed
         run_id = run.id
 
     assert main(["resume", str(run_id), "--db", db, "--home", str(tmp_path / "h3")]) == 2  # refuses without --force
@@ -96,17 +98,17 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     with Session(engine) as s:
         run = s.get(Run, run_id)
         assert run.status == "completed"
-        assert [r.number for r in s.scalars(select(RoundRecord).order_by(RoundRecord.number))] == [1, 2, 3]
+        assert [r.number for r in s.scalars(select(RoundRecord).order_by(RoundRecord.number))] == [1, 2, 3, 4]
         per_round = s.execute(select(ClientUpdateRecord.round_number, func.count())
                               .group_by(ClientUpdateRecord.round_number)).all()
-        assert sorted(per_round) == [(1, 2), (2, 2), (3, 2)]  # the killed round left no rows, none twice
-        assert sorted(e.round_number for e in s.scalars(select(Evaluation))) == [0, 1, 2, 3]
+        assert sorted(per_round) == [(1, 2), (2, 2), (3, 2), (4, 2)]  # the killed round left no rows, none twice
+        assert sorted(e.round_number for e in s.scalars(select(Evaluation))) == [0, 1, 2, 3, 4]
 
     with Session(open_database(clean_db)) as s:
         clean_id = s.scalars(select(Run)).one().id
     clean, resumed = _final_checkpoint(clean_db, clean_id), _final_checkpoint(db, run_id)
-    assert clean.round == resumed.round == 3
-    assert [r for r, _ in clean.merge_log] == [r for r, _ in resumed.merge_log] == [1, 2, 3]
+    assert clean.round == resumed.round == 4
+    assert [r for r, _ in clean.merge_log] == [r for r, _ in resumed.merge_log] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(clean.merge_log, resumed.merge_log):
         for module in a:
             for factor in a[module]:

@@ -30,7 +30,8 @@ from server.db.models import (
     Run,
 )
 from server.evaluate import TimedEval
-from server.strategy import LoraStrategy, RoundReport, utcnow
+from server.rounds import RoundReport, utcnow
+from server.strategy import LoraStrategy
 
 
 @dataclass(frozen=True)

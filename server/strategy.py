@@ -17,11 +17,8 @@ catches up exactly, and the bytes that costs are counted in its downlink.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from logging import INFO, WARNING
 from typing import Any
 
@@ -40,6 +37,15 @@ from flwr.serverapp.strategy import Strategy
 
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
 from aggregation.diagnostics import relative_error
+from server.rounds import (
+    CLIENT_STATUSES,
+    ClientOutcome,
+    InsufficientReplies,
+    NodeState,
+    RoundReport,
+    tensors_hash,
+    utcnow,
+)
 from server.validation import UpdateLimits, check_size, check_update, norm_outliers
 from server.wire import (
     PayloadError,
@@ -49,80 +55,7 @@ from server.wire import (
     tensors_to_record,
 )
 
-__all__ = ["ClientOutcome", "InsufficientReplies", "LoraStrategy", "RoundReport", "check_update", "utcnow"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-# What a client may answer: trained ("ok"), lacks base updates or frozen factors
-# ("resync": the server resends them next time), or chose not to train ("declined").
-CLIENT_STATUSES = frozenset({"ok", "resync", "declined"})
-
-
-class InsufficientReplies(RuntimeError):
-    """Fewer usable replies than min-clients, after the allowed retries."""
-
-
-@dataclass
-class NodeState:
-    """What the server believes a node holds; corrected by the node's own replies."""
-
-    key: str
-    rank: int
-    alpha: float
-    num_examples: int
-    merged_through: int = 0  # last base-update round the node has folded in
-    frozen_hash: str = ""
-
-
-@dataclass(frozen=True)
-class ClientOutcome:
-    node_id: int
-    status: str  # ok | rejected | failed | resync | declined
-    reason: str | None = None
-    rank: int | None = None
-    num_examples: int | None = None
-    train_loss: float | None = None
-    seconds: float | None = None
-    bytes_down: int = 0
-    bytes_up: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RoundReport:
-    number: int
-    started_at: datetime
-    finished_at: datetime
-    outcomes: tuple[ClientOutcome, ...]
-    aggregated: bool
-    train_loss: float | None
-    relative_error: float | None
-    aggregate_seconds: float
-    attempts: int = 1
-
-    @property
-    def bytes_down(self) -> int:
-        return sum(o.bytes_down for o in self.outcomes)
-
-    @property
-    def bytes_up(self) -> int:
-        return sum(o.bytes_up for o in self.outcomes)
-
-    @property
-    def num_ok(self) -> int:
-        return sum(o.status == "ok" for o in self.outcomes)
-
-
-def tensors_hash(tensors: Tensors) -> str:
-    digest = hashlib.sha256()
-    for module in sorted(tensors):
-        for factor in sorted(tensors[module]):
-            digest.update(f"{module}|{factor}".encode())
-            digest.update(np.ascontiguousarray(tensors[module][factor], np.float32).tobytes())
-    return digest.hexdigest()[:16]
+__all__ = ["LoraStrategy"]
 
 
 class LoraStrategy(Strategy):

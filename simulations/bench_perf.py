@@ -92,7 +92,7 @@ def wire_overhead() -> dict:
 def db_write_time(url: str, repeats: int = 20) -> dict:
     from server.db.session import open_database
     from server.recording import RunRecorder
-    from server.strategy import ClientOutcome, RoundReport
+    from server.rounds import ClientOutcome, RoundReport
 
     recorder = RunRecorder(open_database(url))
     run_id = recorder.start_run(config={"bench": True}, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)

@@ -10,7 +10,7 @@ from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
 from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, upgrade
 from server.evaluate import TimedEval
 from server.recording import RunRecorder
-from server.strategy import ClientOutcome, RoundReport
+from server.rounds import ClientOutcome, RoundReport
 
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 BIG_NODE = 2**64 - 5  # Flower node ids are unsigned 64-bit

@@ -16,7 +16,7 @@ from server.cli import main
 from server.db.session import open_database
 from server.export import export_run, platform_model
 from server.recording import RunRecorder, SavedCheckpoint
-from server.strategy import RoundReport
+from server.rounds import RoundReport
 
 TARGETS = ("q_proj", "v_proj")
 IDS = torch.tensor([[3, 17, 42, 99, 5, 250, 7]])

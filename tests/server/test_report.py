@@ -5,7 +5,7 @@ from server.cli import main
 from server.db.session import open_database
 from server.evaluate import TimedEval
 from server.recording import RunRecorder
-from server.strategy import ClientOutcome, RoundReport
+from server.rounds import ClientOutcome, RoundReport
 
 
 def _small_run(db: str, *, rounds: int, finish: bool, dp: bool = False) -> int:

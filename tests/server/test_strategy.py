@@ -4,7 +4,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import aggregation
 from aggregation import ClientUpdate, ModelSpec, ModuleShape
-from server.strategy import InsufficientReplies, LoraStrategy, check_update
+from server.rounds import InsufficientReplies
+from server.strategy import LoraStrategy
+from server.validation import check_update
 from server.validation import UpdateLimits
 from server.wire import (
     PayloadError,

@@ -7,9 +7,10 @@ Prints, in one run (ratios where a ratio means something):
      10 clients, over a plain summation pass of the same uploads (simulations.bench_aggregation);
   2. bytes on the wire per message vs the payload's own array bytes (Flower's overhead),
      from the objects Flower actually serialises for a SmolLM2 train message;
-  3. round overhead in the default simulation: (round wall - slowest client's training)
+  3. database write time per round (SQLite, and PostgreSQL when reachable, in a scratch
+     schema that is dropped afterwards);
+  4. round overhead in the default simulation: (round wall - slowest client's training)
      / round wall, split into aggregation, server evaluation, database and messaging;
-  4. database write time per round (SQLite, and PostgreSQL when reachable);
   5. peak memory (RSS of the whole process tree) with 1,000 virtual clients, 10 per round.
 Results are also written as JSON so runs can be compared.
 """
@@ -31,14 +32,14 @@ import psutil
 
 import aggregation
 from aggregation import ModelSpec, ModuleShape
+from server.db.session import scratch_schema
+from simulations import bench_aggregation as ba
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
 def aggregation_vs_sum(quick: bool) -> list[dict]:
-    from simulations import bench_aggregation as ba
-
     setting = ba.QUICK if quick else ba.FULL
     return [{k: r.get(k) for k in ("aggregator", "clients", "ranks", "agg_s", "x_sum", "peak_MB", "error")}
             for r in ba.run([10], setting, sample_size=2 if not quick else setting.modules, pool_mb=64, seed=0)]
@@ -94,7 +95,8 @@ def db_write_time(url: str, repeats: int = 20) -> dict:
     from server.recording import RunRecorder
     from server.rounds import ClientOutcome, RoundReport
 
-    recorder = RunRecorder(open_database(url))
+    engine = open_database(url)
+    recorder = RunRecorder(engine)
     run_id = recorder.start_run(config={"bench": True}, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)
     times = []
     for r in range(1, repeats + 1):
@@ -105,6 +107,7 @@ def db_write_time(url: str, repeats: int = 20) -> dict:
         start = time.perf_counter()
         recorder.record_round(run_id, report, None)
         times.append(time.perf_counter() - start)
+    engine.dispose()
     return {"median_ms": 1000 * statistics.median(times), "max_ms": 1000 * max(times), "clients_per_round": 10}
 
 
@@ -175,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        print("## 1. aggregation time / plain summation pass (10 clients)")
+        print("## 1. aggregation time / plain summation pass (10 clients; x_sum is the ratio)")
+        setting = ba.QUICK if args.quick else ba.FULL
+        ba.print_header(setting, setting.modules if args.quick else 2, 64, 1)
         results["aggregation"] = aggregation_vs_sum(args.quick)
         print("\n## 2. Flower message bytes on the wire / payload array bytes (SmolLM2 shapes, rank 8)")
         results["wire"] = wire_overhead()
@@ -183,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:8s} payload {row['payload_bytes']:>10d} B  wire {row['wire_bytes']:>10d} B  "
                   f"ratio {row['overhead_ratio']:.4f}   (first message, zero-initialised: payload "
                   f"{row['initial_payload_bytes']} B, wire {row['initial_wire_bytes']} B after dedup)")
-        print("\n## 4. database write time per round (10 client rows, one transaction)")
+        print("\n## 3. database write time per round (10 client rows, one transaction)")
         results["db"] = {"sqlite": db_write_time(f"sqlite:///{workdir / 'db.sqlite'}")}
         try:
-            results["db"]["postgresql"] = db_write_time(POSTGRES_URL)
+            with scratch_schema(POSTGRES_URL, prefix="fedlora_bench") as url:
+                results["db"]["postgresql"] = db_write_time(url)
         except Exception as exc:  # noqa: BLE001 - report and go on
             results["db"]["postgresql"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:80]}"}
         for name, row in results["db"].items():
             print(f"  {name:10s} {row}")
-        print("\n## 3. round overhead in the default simulation" + (" (quick: tiny model)" if args.quick else ""))
+        print("\n## 4. round overhead in the default simulation" + (" (quick: tiny model)" if args.quick else ""))
         results["round_overhead"] = round_overhead(workdir, args.quick)
         for row in results["round_overhead"]:
             print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))

@@ -40,7 +40,7 @@ from server.db.session import open_database
 from server.report import load_series
 
 DEFAULT = dict(model="smollm2", num_clients=6, clients_per_round=3, rounds=3, local_steps=3, ranks="4,8,16",
-               max_rank=16, lr=1e-3, eval_examples=48, max_seq_len=96, partition="dirichlet:0.5", batch_size=8)
+               max_rank=16, lr=1e-3, eval_examples=48, max_seq_len=64, partition="dirichlet:0.5", batch_size=8)
 QUICK = dict(model="tiny", num_clients=3, clients_per_round=3, rounds=2, local_steps=2, ranks="2,4,8",
              max_rank=8, lr=0.05, eval_examples=8, max_seq_len=48, partition="dirichlet:0.5", batch_size=4)
 DP_AGGREGATORS = ("fedavg", "ffa-lora", "fed-sb")

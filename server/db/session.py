@@ -8,7 +8,9 @@ an existing database is upgraded in place and never half-migrated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +41,28 @@ def _v2_checkpoints(conn: Connection) -> None:
 # (version, step). Append new steps; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1_initial), (2, _v2_checkpoints)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@contextlib.contextmanager
+def scratch_schema(url: str, *, prefix: str = "fedlora_scratch") -> Iterator[str]:
+    """A new, empty PostgreSQL schema, yielded as a URL whose search_path points at it.
+
+    For tests and benchmarks that must not touch the tables already in a database:
+    everything written goes into the schema, which is dropped (with its rows) on exit.
+    """
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        try:
+            yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+        finally:
+            with admin.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '30s'"))  # never hang on a leftover connection
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
 
 
 def masked(url: str) -> str:

@@ -33,7 +33,7 @@ from client.data import load_examples
 from server.certs import generate_node_keys, generate_tls
 from server.cli import PROJECT_ROOT
 from server.db.models import ClientUpdateRecord, Evaluation, Run
-from server.db.session import open_database
+from server.db.session import open_database, scratch_schema
 from server.simulation import free_port
 
 pytestmark = pytest.mark.integration
@@ -233,17 +233,8 @@ def postgres_url() -> Iterator[str | None]:
     if _postgres_reason():
         yield None
         return
-    schema = f"fedlora_deploy_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text("SET LOCAL lock_timeout = '30s'"))  # never hang on a leftover connection
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with scratch_schema(POSTGRES_URL, prefix="fedlora_deploy") as url:
+        yield url
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from client.trainer import EvalResult
 from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
-from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, upgrade
+from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, scratch_schema, upgrade
 from server.evaluate import TimedEval
 from server.recording import RunRecorder
 from server.rounds import ClientOutcome, RoundReport
@@ -104,13 +104,8 @@ def postgres_url():
     reason = _postgres_available()
     if reason:
         pytest.skip(reason)
-    schema = f"fedlora_test_{int(time.time() * 1000)}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    with admin.begin() as c:
-        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    with scratch_schema(POSTGRES_URL, prefix="fedlora_test") as url:
+        yield url
 
 
 def test_postgresql_write_and_read(postgres_url):

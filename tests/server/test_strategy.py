@@ -6,8 +6,7 @@ import aggregation
 from aggregation import ClientUpdate, ModelSpec, ModuleShape
 from server.rounds import InsufficientReplies
 from server.strategy import LoraStrategy
-from server.validation import check_update
-from server.validation import UpdateLimits
+from server.validation import UpdateLimits, check_update
 from server.wire import (
     PayloadError,
     record_to_merges,

@@ -17,3 +17,24 @@ def test_wire_bytes_cover_the_payload_and_overhead_is_small():
 def test_db_write_time_is_measured(tmp_path):
     row = db_write_time(f"sqlite:///{tmp_path}/b.db", repeats=3)
     assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
+
+
+def test_postgres_write_time_uses_a_scratch_schema_that_is_dropped():
+    import pytest
+    from sqlalchemy import create_engine, inspect
+
+    from server.db.session import scratch_schema
+    from simulations.bench_perf import POSTGRES_URL
+
+    try:
+        admin = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+        before = set(inspect(admin).get_schema_names())
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable: {type(exc).__name__}")
+    with scratch_schema(POSTGRES_URL) as url:
+        row = db_write_time(url, repeats=2)
+        during = set(inspect(admin).get_schema_names()) - before
+    assert len(during) == 1 and next(iter(during)) in url
+    assert row["median_ms"] > 0
+    assert set(inspect(admin).get_schema_names()) == before
+    admin.dispose()

@@ -80,21 +80,3 @@ def assert_serialisable(value) -> None:
     else:
         allowed = (np.ndarray, int, float, str, np.floating, np.integer)
         assert isinstance(value, allowed), type(value)
-
-
-def assert_pure(name: str, updates, max_rank: int = 8) -> None:
-    """Every method of aggregator ``name`` leaves its state and the updates untouched."""
-    from aggregation import ClientInfo, create
-    from tests.aggregation.helpers import spec
-
-    agg = create(name)
-    state = agg.init_state(spec(max_rank))
-    before_updates = [deep_copy(u.tensors) for u in updates]
-    before_state = deep_copy(state.factors)
-    result = agg.aggregate(state, updates)
-    agg.downlink(result.state, ClientInfo("x", 3, 4.0))
-    agg.global_delta(result.state)
-    agg.client_delta(state, updates[0])
-    for u, b in zip(updates, before_updates):
-        assert_tensors_equal(u.tensors, b)
-    assert_tensors_equal(state.factors, before_state)

@@ -273,20 +273,11 @@ def test_client_delta_is_the_scaled_bra_product():
         np.testing.assert_allclose(dense(delta[name]), expected, atol=1e-12)
 
 
-def test_inputs_are_not_mutated():
+def test_the_given_initial_factors_are_not_mutated():
+    # the rest of purity is checked for every aggregator in test_contract.py
     initial = random_initial(13)
     initial_copy = deep_copy(initial)
     agg = create("fed-sb", initial=initial)
-    state = agg.init_state(spec(MAX_RANK))
-    updates = sb_updates(14, [2, 6])
-    before_updates = [deep_copy(u.tensors) for u in updates]
-    before_state = deep_copy(state.factors)
-    result = agg.aggregate(state, updates)
+    result = agg.aggregate(agg.init_state(spec(MAX_RANK)), sb_updates(14, [2, 6]))
     agg.downlink(result.state, ClientInfo("x", 3, 4.0))
-    agg.global_delta(result.state)
-    agg.client_delta(state, updates[0])
-    for u, b in zip(updates, before_updates):
-        assert_tensors_equal(u.tensors, b)
-    assert_tensors_equal(state.factors, before_state)
     assert_tensors_equal(initial, initial_copy)
-    assert_serialisable(result.state)

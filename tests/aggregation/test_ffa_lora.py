@@ -9,7 +9,6 @@ from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
 from tests.aggregation.helpers import MODULES, spec
 from tests.aggregation.helpers_sb import (
-    assert_pure,
     assert_serialisable,
     b_only_updates,
     example_p,
@@ -99,7 +98,3 @@ def test_zero_padding_shrinks_columns_by_the_weight_of_the_clients_that_have_the
         old_b, new_b = state.factors[name]["B"], new.factors[name]["B"]
         np.testing.assert_allclose(new_b[:, :2], old_b[:, :2])
         np.testing.assert_allclose(new_b[:, 2:], p[1] * old_b[:, 2:])
-
-
-def test_inputs_are_not_mutated():
-    assert_pure("ffa-lora", b_only_updates(6, [3, 8]))

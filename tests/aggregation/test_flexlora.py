@@ -11,7 +11,6 @@ from aggregation.linalg import dense
 from aggregation.lowrank import lowrank_svd, truncated_factors
 from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
 from tests.aggregation.helpers_sb import (
-    assert_pure,
     assert_serialisable,
     eckart_young_tail,
 )
@@ -137,7 +136,3 @@ def test_downlink_unfolds_for_the_receiving_client():
         np.testing.assert_allclose(down.adapter[name]["A"], g["A"][:3])
     with pytest.raises(ValueError):
         agg.downlink(state, ClientInfo("big", 9, 1.0))
-
-
-def test_inputs_are_not_mutated():
-    assert_pure("flexlora", random_updates(6, [2, 8]))

@@ -10,9 +10,7 @@ from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
 from tests.aggregation.helpers_extra import (
     applied,
     assert_same_tree,
-    assert_serialisable,
     rescaled,
-    snapshot,
     weights,
     with_alpha,
 )
@@ -119,20 +117,3 @@ def test_rank_that_does_not_match_the_arrays_is_refused():
     liar = type(u)(**{**u.__dict__, "rank": 2})
     with pytest.raises(ValueError, match="n0"):
         _aggregate([liar])
-
-
-def test_inputs_are_not_mutated_and_state_serialises():
-    updates = random_updates(8, [2, 4])
-    agg = create("flora")
-    state = agg.init_state(spec())
-    before_updates, before_state = snapshot(updates), snapshot(state)
-    result = agg.aggregate(state, updates)
-    assert_same_tree(updates, before_updates)
-    assert_same_tree(state, before_state)
-    assert_serialisable(result.state)
-
-
-def test_no_replies_is_an_error_not_an_empty_merge():
-    agg = create("flora")
-    with pytest.raises(ValueError, match="empty"):
-        agg.aggregate(agg.init_state(spec()), [])

@@ -15,12 +15,9 @@ from aggregation.lora_fair import (
 )
 from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
 from tests.aggregation.helpers_extra import (
-    assert_same_tree,
-    assert_serialisable,
     cosine,
     rescaled,
     row_space_lower_bound,
-    snapshot,
 )
 
 ranks_st = st.lists(st.integers(1, 8), min_size=1, max_size=6)
@@ -189,22 +186,3 @@ def test_invalid_options_are_refused_with_their_name():
         create("lora-fair", solver="paper", steps=0)
     with pytest.raises(ValueError, match="lr"):
         create("lora-fair", solver="paper", lr=0.0)
-
-
-@pytest.mark.parametrize("solver", ["closed-form", "paper"])
-def test_inputs_are_not_mutated_and_state_serialises(solver):
-    updates = random_updates(16, [2, 4, 8])
-    agg = create("lora-fair", solver=solver)
-    state = agg.init_state(spec())
-    before_updates, before_state = snapshot(updates), snapshot(state)
-    result = agg.aggregate(state, updates)
-    assert_same_tree(updates, before_updates)
-    assert_same_tree(state, before_state)
-    assert_serialisable(result.state)
-
-
-@pytest.mark.parametrize("solver", ["closed-form", "paper"])
-def test_no_replies_is_an_error(solver):
-    agg = create("lora-fair", solver=solver)
-    with pytest.raises(ValueError, match="empty"):
-        agg.aggregate(agg.init_state(spec()), [])

@@ -1,0 +1,65 @@
+"""What every registered aggregator promises, whatever its math.
+
+One test per promise, run over the whole registry, so a new method is held to them
+without copying the tests: it never mutates its inputs (the strategy keeps the state
+for checkpoints and resends the same updates on retries), its state serialises without
+pickle, and an empty round is an error rather than a silent no-op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aggregation
+from aggregation import ClientInfo
+from tests.aggregation.helpers import random_updates, spec
+from tests.aggregation.helpers_extra import assert_same_tree, snapshot
+from tests.aggregation.helpers_sb import assert_serialisable, b_only_updates, sb_updates
+
+MAX_RANK = 6  # Fed-SB needs max_rank <= the smallest module dimension (6)
+# which uploads to fabricate, keyed by what an aggregator declares it receives
+UPLOADS = {frozenset({"A", "B"}): random_updates, frozenset({"B"}): b_only_updates, frozenset({"R"}): sb_updates}
+METHODS = [(name, {}) for name in aggregation.names()] + [("lora-fair", {"solver": "paper"})]
+IDS = [name + "".join(f"-{v}" for v in options.values()) for name, options in METHODS]
+
+
+def test_every_uplink_has_an_update_maker():
+    for name in aggregation.names():
+        assert aggregation.create(name).uplink in UPLOADS, name
+
+
+@pytest.mark.parametrize(("name", "options"), METHODS, ids=IDS)
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), ranks=st.lists(st.sampled_from([1, 2, 4, 6]), min_size=1, max_size=4))
+def test_inputs_are_never_mutated_and_state_serialises(name, options, seed, ranks):
+    agg = aggregation.create(name, **options)
+    state = agg.init_state(spec(MAX_RANK))
+    updates = UPLOADS[agg.uplink](seed, ranks)
+    before_updates, before_state = snapshot(updates), snapshot(state)
+
+    result = agg.aggregate(state, updates)
+    down = agg.downlink(result.state, ClientInfo("x", min(ranks), 4.0))
+    agg.global_delta(result.state)
+    agg.client_delta(state, updates[0])
+
+    assert_same_tree(updates, before_updates)
+    assert_same_tree(state, before_state)
+    assert_serialisable(result.state)
+    # what is handed out is a copy: scribbling on a downlink must not reach the state
+    after = snapshot(result.state)
+    for part in (down.adapter, down.frozen):
+        for factors in part.values():
+            for array in factors.values():
+                if isinstance(array, np.ndarray) and array.flags.writeable:
+                    array += 1.0
+    assert_same_tree(result.state, after)
+
+
+@pytest.mark.parametrize(("name", "options"), METHODS, ids=IDS)
+def test_a_round_without_updates_is_an_error(name, options):
+    agg = aggregation.create(name, **options)
+    with pytest.raises(ValueError, match="empty"):
+        agg.aggregate(agg.init_state(spec(MAX_RANK)), [])

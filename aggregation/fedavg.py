@@ -29,12 +29,7 @@ from aggregation.base import (
     Tensors,
 )
 from aggregation.init import lora_init
-from aggregation.linalg import (
-    example_weights,
-    fold,
-    pad_to,
-    truncated_downlink,
-)
+from aggregation.linalg import example_weights, fold, folded_lora, pad_to, truncated_downlink
 
 
 @dataclass(frozen=True)
@@ -84,7 +79,4 @@ class FedAvg:
         return {name: dict(f) for name, f in state.factors.items()}
 
     def client_delta(self, state: FactorState, update: ClientUpdate) -> Tensors:
-        return {
-            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], np.float64)}
-            for name, f in update.tensors.items()
-        }
+        return folded_lora(update)

@@ -37,15 +37,9 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.fedavg import FactorState, padded_weighted_mean
+from aggregation.fedavg import FactorState, FedAvg
 from aggregation.flora import stacked_update
-from aggregation.init import lora_init
-from aggregation.linalg import (
-    check_lora_update,
-    example_weights,
-    fold,
-    truncated_downlink,
-)
+from aggregation.linalg import check_lora_update, example_weights
 
 
 def residual_update(
@@ -59,14 +53,18 @@ def residual_update(
 class FedExLoRA:
     """FedAvg factors as the adapter, the exact residual folded into the base weights."""
 
-    uplink = frozenset({"A", "B"})
-    adapter_kind = "lora"
+    uplink = FedAvg.uplink
+    adapter_kind = FedAvg.adapter_kind
+
+    def __init__(self) -> None:
+        # The adapter half is FedAvg, unchanged: state, downlink and deltas are its own.
+        self._fedavg = FedAvg()
 
     def init_state(self, spec: ModelSpec) -> FactorState:
-        return FactorState(factors=lora_init(spec), max_rank=spec.max_rank)
+        return self._fedavg.init_state(spec)
 
     def downlink(self, state: FactorState, client: ClientInfo) -> Downlink:
-        return truncated_downlink(state.factors, client, state.max_rank)
+        return self._fedavg.downlink(state, client)
 
     def aggregate(self, state: FactorState, updates: Sequence[ClientUpdate]) -> Aggregation:
         # Sorted by node so the logged residual is bit-identical whatever the reply order.
@@ -74,21 +72,15 @@ class FedExLoRA:
         shapes = {n: (f["B"].shape[0], f["A"].shape[1]) for n, f in state.factors.items()}
         for update in ordered:
             check_lora_update(update, shapes)
+        averaged = self._fedavg.aggregate(state, ordered).state
         weights = example_weights(ordered)
-        factors = {}
-        base_update = {}
-        for name in state.factors:
-            mean = padded_weighted_mean(ordered, weights, name, state.max_rank)
-            factors[name] = mean
-            base_update[name] = residual_update(ordered, weights, name, mean)
-        new_state = FactorState(factors=factors, max_rank=state.max_rank)
-        return Aggregation(state=new_state, base_update=base_update)
+        base_update = {
+            name: residual_update(ordered, weights, name, mean) for name, mean in averaged.factors.items()
+        }
+        return Aggregation(state=averaged, base_update=base_update)
 
     def global_delta(self, state: FactorState) -> Tensors:
-        return {name: dict(f) for name, f in state.factors.items()}
+        return self._fedavg.global_delta(state)
 
     def client_delta(self, state: FactorState, update: ClientUpdate) -> Tensors:
-        return {
-            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], np.float64)}
-            for name, f in update.tensors.items()
-        }
+        return self._fedavg.client_delta(state, update)

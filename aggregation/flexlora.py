@@ -47,12 +47,7 @@ from aggregation.base import (
     Tensors,
 )
 from aggregation.init import kaiming_a, lora_init, module_rng
-from aggregation.linalg import (
-    example_weights,
-    fold,
-    stack_lowrank,
-    truncated_downlink,
-)
+from aggregation.linalg import example_weights, fold, folded_lora, stack_lowrank, truncated_downlink
 from aggregation.lowrank import lowrank_svd, truncated_factors
 
 _PURPOSE = "flexlora"
@@ -151,7 +146,4 @@ class FlexLoRA:
         return {name: {"B": f["B"].copy(), "A": f["A"].copy()} for name, f in state.factors.items()}
 
     def client_delta(self, state: SVDState, update: ClientUpdate) -> Tensors:
-        return {
-            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], dtype=np.float64)}
-            for name, f in update.tensors.items()
-        }
+        return folded_lora(update)

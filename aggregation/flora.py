@@ -52,7 +52,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.linalg import check_lora_update, example_weights, fold
+from aggregation.linalg import check_lora_update, example_weights, folded_lora
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +132,4 @@ class FLoRA:
 
     def client_delta(self, state: FloraState, update: ClientUpdate) -> Tensors:
         # The adapter started at B = 0, so the whole adapter is this round's update.
-        return {
-            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], np.float64)}
-            for name, f in update.tensors.items()
-        }
+        return folded_lora(update)

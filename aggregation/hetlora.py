@@ -48,12 +48,7 @@ from aggregation.base import (
 )
 from aggregation.fedavg import padded_weighted_mean
 from aggregation.init import lora_init
-from aggregation.linalg import (
-    example_weights,
-    fold,
-    lowrank_fro_norm,
-    truncated_downlink,
-)
+from aggregation.linalg import example_weights, fold, folded_lora, lowrank_fro_norm, truncated_downlink
 
 
 @dataclass(frozen=True)
@@ -109,7 +104,4 @@ class HetLoRA:
         return {name: {"B": f["B"].copy(), "A": f["A"].copy()} for name, f in state.factors.items()}
 
     def client_delta(self, state: HetState, update: ClientUpdate) -> Tensors:
-        return {
-            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], dtype=np.float64)}
-            for name, f in update.tensors.items()
-        }
+        return folded_lora(update)

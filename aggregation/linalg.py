@@ -37,6 +37,14 @@ def fold(update: ClientUpdate, factor: str, module: str) -> np.ndarray:
     return update.scale * np.asarray(update.tensors[module][factor], dtype=np.float64)
 
 
+def folded_lora(update: ClientUpdate) -> Tensors:
+    """A LoRA upload as folded float64 factors {"B": s_k B_k, "A": A_k} per module."""
+    return {
+        name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], np.float64)}
+        for name, f in update.tensors.items()
+    }
+
+
 def unfold_for(factors: Factors, *, scale: float, into: str) -> Factors:
     """Divide a folded factor by a client's scaling so it loads into its adapter."""
     out = {name: np.asarray(value, dtype=np.float64).copy() for name, value in factors.items()}

@@ -80,6 +80,7 @@ from aggregation.linalg import (
     check_lora_update,
     example_weights,
     fold,
+    folded_lora,
     folded_pairs,
     lowrank_fro_norm,
     stack_lowrank,
@@ -333,7 +334,4 @@ class LoraFair:
         return {name: dict(f) for name, f in state.factors.items()}
 
     def client_delta(self, state: FairState, update: ClientUpdate) -> Tensors:
-        return {
-            name: {"B": fold(update, "B", name), "A": np.asarray(f["A"], np.float64)}
-            for name, f in update.tensors.items()
-        }
+        return folded_lora(update)

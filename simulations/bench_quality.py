@@ -124,12 +124,14 @@ def write_outputs(rows: list[Row], out: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for r in rows:
         if r.curve:
             style = "--" if r.status == "reference" else "-"
             ax.plot([x for x, _ in r.curve], [y for _, y in r.curve], style, marker="o", markersize=3, label=r.name)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out answer perplexity")
     ax.set_title(title)

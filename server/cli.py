@@ -11,11 +11,14 @@ prints one table row per finished round from the database, and stops the SuperLi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -102,7 +105,7 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *, home: str | None) -> int:
-    from server.simulation import LocalSuperLink, stop_process
+    from server.simulation import LocalSuperLink, terminate_tree
 
     flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
     log_path = flwr_home / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
@@ -110,20 +113,23 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
     console.print(f"[bold]{verb}[/] {cfg.aggregator} | model {cfg.model} | {federation['num-supernodes']} clients "
                   f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds")
     started = time.monotonic()
-    with LocalSuperLink(flwr_home=flwr_home, log_dir=flwr_home / "logs") as link:
-        process = link.submit(PROJECT_ROOT, run_config=cfg.to_flower(), federation=federation, log_path=log_path)
-        try:
-            run = follow(engine, cfg.run_tag, process, cfg.num_server_rounds)
-        finally:
-            stop_process(process)
+    run = None
+    try:
+        with LocalSuperLink(flwr_home=flwr_home, log_dir=flwr_home / "logs") as link:
+            process = link.submit(PROJECT_ROOT, run_config=cfg.to_flower(), federation=federation, log_path=log_path)
+            try:
+                run = follow(engine, cfg.run_tag, process, cfg.num_server_rounds)
+            finally:
+                terminate_tree(process)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the SuperLink is stopped by now; say so in the run's row too
+        run = mark_interrupted(engine, cfg.run_tag, "stopped by the user (Ctrl-C or SIGTERM)")
+        if run is not None:
+            console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
+        raise
     elapsed = time.monotonic() - started
     if run is not None and run.status == "running":
-        # the coordinator ended without recording an outcome (killed, crashed hard)
-        from server.recording import RunRecorder
-
-        RunRecorder(engine).finish_run(run.id, status="interrupted",
-                                       error="the coordinator process ended before the run finished")
-        run.status = "interrupted"
+        run = mark_interrupted(engine, cfg.run_tag, "the coordinator process ended before the run finished")
     if run is None or run.status != "completed":
         status = run.status if run else "not started"
         console.print(f"[red]run {status}[/]: {run.error if run and run.error else 'see the log'}", markup=True)
@@ -188,6 +194,20 @@ def preflight(cfg: RunConfig, num_clients: int) -> Engine:
     if cfg.model == "tiny":
         console.print("[yellow]model 'tiny' is a smoke-test model: it learns nothing useful[/]")
     return engine
+
+
+def mark_interrupted(engine: Engine, tag: str, reason: str) -> Run | None:
+    """Record that the run with ``tag`` stopped mid-way (resumable); a finished run is left as it is."""
+    from server.recording import RunRecorder
+
+    with Session(engine) as session:
+        run = session.scalar(select(Run).where(Run.tag == tag))
+        if run is not None and run.status == "running":
+            RunRecorder(engine).finish_run(run.id, status="interrupted", error=reason)
+            session.refresh(run)
+        if run is not None:
+            session.expunge(run)
+    return run
 
 
 def follow(engine: Engine, tag: str, process, rounds: int) -> Run | None:
@@ -303,6 +323,29 @@ register_command("resume", _add_resume, resume)
 _COMMAND_MODULES: tuple[str, ...] = ("server.deploy", "server.export", "server.report")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwind like Ctrl-C, so every ``finally`` stops what we started."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    # docker stop, a CI cancel or `kill` send SIGTERM, whose default action ends Python
+    # without running finally blocks: the SuperLink and Ray we started would be orphaned.
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for module in _COMMAND_MODULES:
         importlib.import_module(module)
@@ -312,10 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_arguments(sub)
     args = parser.parse_args(argv)
     try:
-        return _COMMANDS[args.command][1](args)
+        with sigterm_as_interrupt():
+            return _COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError, DatabaseError, ModuleNotFoundError) as exc:
         console.print(f"error: {exc}", style="red", markup=False)
         return 2
+    except Terminated:
+        console.print("[yellow]terminated[/]")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130

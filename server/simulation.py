@@ -4,12 +4,14 @@
 loopback port, with its state and Flower's config under a project-local FLWR_HOME and
 runtime dependency installation disabled (it would re-resolve the project's
 dependencies per run, and fail offline). It is always stopped on exit, also when the
-run fails or the user presses Ctrl-C. ``submit`` then hands the app to it with
+run fails, the user presses Ctrl-C or the CLI gets SIGTERM, and with it every
+process it started (Ray included). ``submit`` then hands the app to it with
 ``flwr run`` and streams Flower's log to a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +23,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 CONNECTION = "fedlora-local"
 
@@ -128,31 +132,41 @@ class LocalSuperLink:
             log_file.close()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # The SuperLink starts the simulation in a child process: signal the group.
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        if self.process is not None:
+            terminate_tree(self.process)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def terminate_tree(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGTERM ``process`` and every process under it, then SIGKILL whatever is left.
+
+    Signalling the process group is not enough: the SuperLink's simulation process
+    starts Ray, whose GCS, raylet and workers run in a session of their own, and which
+    outlive a killed parent (adopted by init) unless they are found first. So the whole
+    tree is collected *before* anything is signalled, and collected again before SIGKILL
+    in case something was spawned meanwhile.
+    """
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        procs = _tree(process.pid)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        _, alive = psutil.wait_procs(procs, timeout=wait)
+        if not alive:
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)  # reap it: no zombie left behind
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+

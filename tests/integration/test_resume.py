@@ -115,3 +115,38 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
                 assert np.array_equal(a[module][factor], b[module][factor]), (module, factor)
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
+
+
+def test_sigterm_stops_every_process_and_leaves_a_resumable_run(tmp_path):
+    # docker stop / a CI cancel: SIGTERM to the CLI alone must take the SuperLink, the
+    # simulation and Ray down with it, and mark the run as interrupted (not "running")
+    db = f"sqlite:///{tmp_path}/term.db"
+    args = [a if a != "4" else "200" for a in ARGS]  # far more rounds than the test waits for
+    cmd = [sys.executable, "-m", "server.cli", *args, "--db", db, "--home", str(tmp_path / "h"),
+           "--checkpoint-dir", str(tmp_path / "c")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        engine = open_database(db)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with Session(engine) as s:
+                if s.scalar(select(func.count()).select_from(RoundRecord)) >= 1:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("round 1 never completed")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("flower-superlink" in " ".join(c.cmdline()) for c in children)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    with Session(engine) as s:
+        (run,) = s.scalars(select(Run)).all()
+        assert run.status == "interrupted" and "SIGTERM" in run.error
+        assert s.scalar(select(func.count()).select_from(RoundRecord)) < 200
+    assert f"fedlora resume {run.id}" in output

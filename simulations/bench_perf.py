@@ -1,6 +1,6 @@
 """Performance suite: where the time, bytes and memory of a federated round go.
 
-    python -m simulations.bench_perf [--quick] [--json PATH] [--skip-1000]
+    python -m simulations.bench_perf [--quick] [--json PATH] [--sections 1,2,3,4,5]
 
 Prints, in one run (ratios where a ratio means something):
   1. aggregation time per aggregator at LLaMA-2-7B adapter shapes (q, v; 32 layers) with
@@ -11,7 +11,8 @@ Prints, in one run (ratios where a ratio means something):
      schema that is dropped afterwards);
   4. round overhead in the default simulation: (round wall - slowest client's training)
      / round wall, split into aggregation, server evaluation, database and messaging;
-  5. peak memory (RSS of the whole process tree) with 1,000 virtual clients, 10 per round.
+  5. peak memory (RSS of the whole process tree) with 1,000 virtual clients, 10 per round,
+     against the same run with 10 virtual clients.
 Results are also written as JSON so runs can be compared.
 """
 
@@ -24,8 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -159,52 +163,90 @@ def round_overhead(workdir: Path, quick: bool) -> list[dict]:
     return rows
 
 
-def thousand_clients(workdir: Path) -> dict:
-    db = f"sqlite:///{workdir / 'thousand.db'}"
+def virtual_clients(workdir: Path, count: int) -> dict:
+    """One round of the tiny model with ``count`` virtual clients, 10 per round."""
+    db = f"sqlite:///{workdir / f'virtual{count}.db'}"
     start = time.monotonic()
-    code, peak = simulate(["--model", "tiny", "--num-clients", "1000", "--clients-per-round", "10", "--rounds", "1",
-                           "--partition", "iid", "--local-steps", "1", "--eval-examples", "8", "--ranks", "4",
-                           "--db", db, "--home", str(workdir / "flwr1000"), "--checkpoint-dir", str(workdir / "c1000")],
-                          workdir)
-    return {"exit_code": code, "peak_rss_MB": peak, "wall_s": time.monotonic() - start}
+    code, peak = simulate(["--model", "tiny", "--num-clients", str(count), "--clients-per-round", "10",
+                           "--rounds", "1", "--partition", "iid", "--local-steps", "1", "--eval-examples", "8",
+                           "--ranks", "4", "--db", db, "--home", str(workdir / f"flwr{count}"),
+                           "--checkpoint-dir", str(workdir / f"c{count}")], workdir)
+    return {"clients": count, "exit_code": code, "peak_rss_MB": peak, "wall_s": time.monotonic() - start}
+
+
+def memory_with_many_clients(workdir: Path) -> dict:
+    """Peak RSS of the whole process tree with 1,000 virtual clients against 10 (the same 10 train)."""
+    many, few = virtual_clients(workdir, 1000), virtual_clients(workdir, 10)
+    return {"1000": many, "10": few, "peak_ratio_1000_over_10": many["peak_rss_MB"] / few["peak_rss_MB"],
+            "extra_MB_per_virtual_client": (many["peak_rss_MB"] - few["peak_rss_MB"]) / 990}
+
+
+def print_wire(rows: dict) -> None:
+    for name, row in rows.items():
+        print(f"  {name:8s} payload {row['payload_bytes']:>10d} B  wire {row['wire_bytes']:>10d} B  "
+              f"ratio {row['overhead_ratio']:.4f}   (first message, zero-initialised: payload "
+              f"{row['initial_payload_bytes']} B, wire {row['initial_wire_bytes']} B after dedup)")
+
+
+def db_both(workdir: Path) -> dict:
+    out = {"sqlite": db_write_time(f"sqlite:///{workdir / 'db.sqlite'}")}
+    try:
+        with scratch_schema(POSTGRES_URL, prefix="fedlora_bench") as url:
+            out["postgresql"] = db_write_time(url)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        out["postgresql"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:80]}"}
+    return out
+
+
+def print_rows(rows: dict | list) -> None:
+    items = rows.items() if isinstance(rows, dict) else enumerate(rows)
+    for _, row in items:
+        print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    measure: Callable[[Path, bool], Any]
+    show: Callable[[Any], None]
+
+
+SECTIONS = {
+    1: Section("aggregation", "aggregation time / plain summation pass (10 clients; x_sum is the ratio)",
+               lambda _, quick: aggregation_vs_sum(quick), lambda rows: None),  # rows print as they come
+    2: Section("wire", "Flower message bytes on the wire / payload array bytes (SmolLM2 shapes, rank 8)",
+               lambda _, quick: wire_overhead(), print_wire),
+    3: Section("db", "database write time per round (10 client rows, one transaction)",
+               lambda workdir, _: db_both(workdir), print_rows),
+    4: Section("round_overhead", "round overhead in the default simulation (--quick: tiny model)",
+               round_overhead, print_rows),
+    5: Section("virtual_clients", "peak memory (RSS, whole process tree), 1,000 vs 10 virtual clients, "
+               "10 per round (tiny model)", lambda workdir, _: memory_with_many_clients(workdir),
+               lambda r: print_rows([r["1000"], r["10"], {k: v for k, v in r.items() if k not in ("1000", "10")}])),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and the tiny model (for tests)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--skip-1000", action="store_true", help="skip the 1,000-client memory run")
+    parser.add_argument("--sections", default=",".join(map(str, SECTIONS)),
+                        help="comma list of section numbers to run (default: all)")
     args = parser.parse_args(argv)
+    try:
+        chosen = [SECTIONS[int(n)] for n in args.sections.split(",") if n.strip()]
+    except (KeyError, ValueError):
+        parser.error(f"--sections {args.sections!r}: valid sections are {', '.join(map(str, SECTIONS))}")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        print("## 1. aggregation time / plain summation pass (10 clients; x_sum is the ratio)")
-        setting = ba.QUICK if args.quick else ba.FULL
-        ba.print_header(setting, setting.modules if args.quick else 2, 64, 1)
-        results["aggregation"] = aggregation_vs_sum(args.quick)
-        print("\n## 2. Flower message bytes on the wire / payload array bytes (SmolLM2 shapes, rank 8)")
-        results["wire"] = wire_overhead()
-        for name, row in results["wire"].items():
-            print(f"  {name:8s} payload {row['payload_bytes']:>10d} B  wire {row['wire_bytes']:>10d} B  "
-                  f"ratio {row['overhead_ratio']:.4f}   (first message, zero-initialised: payload "
-                  f"{row['initial_payload_bytes']} B, wire {row['initial_wire_bytes']} B after dedup)")
-        print("\n## 3. database write time per round (10 client rows, one transaction)")
-        results["db"] = {"sqlite": db_write_time(f"sqlite:///{workdir / 'db.sqlite'}")}
-        try:
-            with scratch_schema(POSTGRES_URL, prefix="fedlora_bench") as url:
-                results["db"]["postgresql"] = db_write_time(url)
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            results["db"]["postgresql"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:80]}"}
-        for name, row in results["db"].items():
-            print(f"  {name:10s} {row}")
-        print("\n## 4. round overhead in the default simulation" + (" (quick: tiny model)" if args.quick else ""))
-        results["round_overhead"] = round_overhead(workdir, args.quick)
-        for row in results["round_overhead"]:
-            print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if not args.skip_1000:
-            print("\n## 5. peak memory, 1,000 virtual clients, 10 per round (tiny model)")
-            results["thousand_clients"] = thousand_clients(workdir)
-            print(f"  {results['thousand_clients']}")
+        for number, section in ((n, SECTIONS[n]) for n in SECTIONS if SECTIONS[n] in chosen):
+            print(f"\n## {number}. {section.title}")
+            if section.key == "aggregation":
+                setting = ba.QUICK if args.quick else ba.FULL
+                ba.print_header(setting, setting.modules if args.quick else 2, 64, 1)
+            results[section.key] = section.measure(Path(tmp), args.quick)
+            section.show(results[section.key])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
         print(f"\nJSON: {args.json}")

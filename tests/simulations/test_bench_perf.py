@@ -38,3 +38,15 @@ def test_postgres_write_time_uses_a_scratch_schema_that_is_dropped():
     assert row["median_ms"] > 0
     assert set(inspect(admin).get_schema_names()) == before
     admin.dispose()
+
+
+def test_unknown_section_is_refused_naming_the_valid_ones(capsys):
+    import pytest
+
+    from simulations.bench_perf import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--sections", "2,9"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'2,9'" in err and "1, 2, 3, 4, 5" in err

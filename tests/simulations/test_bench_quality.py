@@ -4,28 +4,32 @@ This is also the per-aggregator end-to-end test: 2 rounds, 3 clients of ranks 2/
 each run's rows checked in the database.
 """
 
+import csv
 import math
 
 import pytest
+import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 import aggregation
 from server.db.models import ClientUpdateRecord, RoundRecord, Run
 from server.db.session import open_database
-from simulations.bench_quality import main
+from simulations.bench_quality import QUICK, main, references
 
 pytestmark = pytest.mark.integration
 
 
 def test_quick_quality_benchmark_has_a_finite_row_per_aggregator(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
-    lines = (tmp_path / "quality.csv").read_text().splitlines()
-    rows = {line.split(",")[0]: line.split(",") for line in lines[1:]}
+    with open(tmp_path / "quality.csv", newline="") as fh:
+        rows = {row[0]: row for row in list(csv.reader(fh))[1:]}
     assert set(aggregation.names()) <= set(rows)
     assert "centralised LoRA (ceiling)" in rows and "base model (floor)" in rows
     for name, row in rows.items():
         assert math.isfinite(float(row[1])), name
+        curve = [float(x) for x in row[-1].split(" → ")]  # one eval per round, 0 included
+        assert len(curve) == QUICK["rounds"] + 1 and curve[-1] == pytest.approx(float(row[1]), abs=0.05), name
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
     with Session(open_database(f"sqlite:///{tmp_path / 'quality.db'}")) as s:
@@ -36,3 +40,12 @@ def test_quick_quality_benchmark_has_a_finite_row_per_aggregator(tmp_path):
                           .where(ClientUpdateRecord.run_id == run.id, ClientUpdateRecord.status == "ok"))
             assert ok == 6, run.aggregator
         assert {r.aggregator for r in s.scalars(select(Run))} == set(aggregation.names())
+
+
+def test_references_do_not_depend_on_what_ran_before():
+    # the ceiling's adapter is drawn from the seeded RNG, whatever consumed it earlier
+    first, floor = references(QUICK, seed=5)
+    torch.rand(1000)
+    second, floor_again = references(QUICK, seed=5)
+    assert first.curve == second.curve
+    assert floor.final_ppl == floor_again.final_ppl

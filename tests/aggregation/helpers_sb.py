@@ -15,8 +15,7 @@ def example_p(updates: list[ClientUpdate]) -> np.ndarray:
     return n / n.sum()
 
 
-def sb_updates(seed: int, ranks: list[int], alphas: list[float] | None = None):
-    """Fed-SB uploads: one raw r_k x r_k R per module."""
+def _updates(seed: int, ranks: list[int], alphas: list[float] | None, factor: str, shape) -> list[ClientUpdate]:
     rng = np.random.default_rng(seed)
     alphas = alphas or [float(rng.uniform(1, 32)) for _ in ranks]
     return [
@@ -25,26 +24,20 @@ def sb_updates(seed: int, ranks: list[int], alphas: list[float] | None = None):
             num_examples=int(rng.integers(1, 100)),
             rank=r,
             alpha=alphas[i],
-            tensors={name: {"R": rng.normal(size=(r, r))} for name in MODULES},
+            tensors={name: {factor: rng.normal(size=shape(s, r))} for name, s in MODULES.items()},
         )
         for i, r in enumerate(ranks)
     ]
+
+
+def sb_updates(seed: int, ranks: list[int], alphas: list[float] | None = None):
+    """Fed-SB uploads: one raw r_k x r_k R per module."""
+    return _updates(seed, ranks, alphas, "R", lambda s, r: (r, r))
 
 
 def b_only_updates(seed: int, ranks: list[int], alphas: list[float] | None = None):
     """FFA-LoRA uploads: one raw d_out x r_k B per module."""
-    rng = np.random.default_rng(seed)
-    alphas = alphas or [float(rng.uniform(1, 32)) for _ in ranks]
-    return [
-        ClientUpdate(
-            node_id=f"n{i}",
-            num_examples=int(rng.integers(1, 100)),
-            rank=r,
-            alpha=alphas[i],
-            tensors={name: {"B": rng.normal(size=(s.d_out, r))} for name, s in MODULES.items()},
-        )
-        for i, r in enumerate(ranks)
-    ]
+    return _updates(seed, ranks, alphas, "B", lambda s, r: (s.d_out, r))
 
 
 def eckart_young_tail(matrix: np.ndarray, rank: int) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.data import load_examples
@@ -35,11 +35,11 @@ from server.cli import PROJECT_ROOT
 from server.db.models import ClientUpdateRecord, Evaluation, Run
 from server.db.session import open_database, scratch_schema
 from server.simulation import free_port
+from tests.postgres import POSTGRES_URL, unreachable_reason
 
 pytestmark = pytest.mark.integration
 
 FEDLORA = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
-POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 RANKS = {"node-1": 2, "node-2": 4}
 RUN_ARGS = ["--rounds", "2", "--set", "model=tiny", "--set", "max-rank=16", "--set", "ranks=2,4",
             "--set", "eval-examples=8", "--set", "local-steps=2", "--set", "max-seq-len=48",
@@ -218,19 +218,10 @@ def _assert_pyproject_not_migrated() -> None:
     assert "CONFIGURATION MIGRATION NOTICE" not in text
 
 
-def _postgres_reason() -> str | None:
-    try:
-        with create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3}).connect() as conn:
-            conn.execute(text("select 1"))
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
-        return f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}"
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str | None]:
     """A fresh schema on the CI PostgreSQL (dropped afterwards), or None when there is none."""
-    if _postgres_reason():
+    if unreachable_reason():
         yield None
         return
     with scratch_schema(POSTGRES_URL, prefix="fedlora_deploy") as url:
@@ -298,5 +289,5 @@ def test_enrolled_nodes_complete_a_run_logged_to_sqlite(deployment, runs, capsys
 
 def test_enrolled_nodes_complete_a_run_logged_to_postgresql(deployment, runs, capsys):
     if "PostgreSQL" not in runs:
-        pytest.skip(_postgres_reason() or "PostgreSQL became reachable after the runs were submitted")
+        pytest.skip(unreachable_reason() or "PostgreSQL became reachable after the runs were submitted")
     _check_run(runs["PostgreSQL"], deployment, capsys, "PostgreSQL", len(runs))

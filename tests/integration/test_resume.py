@@ -47,6 +47,16 @@ def _final_checkpoint(db: str, run_id: int) -> ckpt.Checkpoint:
         return ckpt.load(Path(row.path), row.sha256)
 
 
+def _wait_for_round_one(engine, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with Session(engine) as s:
+            if s.scalar(select(func.count()).select_from(RoundRecord)) >= 1:
+                return
+        time.sleep(0.2)
+    pytest.fail("round 1 never completed")
+
+
 def _kill_tree(pid: int) -> list[str]:
     root = psutil.Process(pid)
     procs = [root, *root.children(recursive=True)]
@@ -70,14 +80,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         engine = open_database(db)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill once round 1 is committed, during round 2
-            with Session(engine) as s:
-                if s.scalar(select(func.count()).select_from(RoundRecord)) >= 1:
-                    break
-            time.sleep(0.2)
-        else:
-            pytest.fail("round 1 never completed")
+        _wait_for_round_one(engine)  # kill once round 1 is committed, during round 2
         killed = _kill_tree(proc.pid)
     finally:
         if proc.poll() is None:
@@ -127,14 +130,7 @@ def test_sigterm_stops_every_process_and_leaves_a_resumable_run(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         engine = open_database(db)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            with Session(engine) as s:
-                if s.scalar(select(func.count()).select_from(RoundRecord)) >= 1:
-                    break
-            time.sleep(0.2)
-        else:
-            pytest.fail("round 1 never completed")
+        _wait_for_round_one(engine)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("flower-superlink" in " ".join(c.cmdline()) for c in children)
         proc.send_signal(signal.SIGTERM)

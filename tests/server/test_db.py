@@ -11,8 +11,8 @@ from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, scra
 from server.evaluate import TimedEval
 from server.recording import RunRecorder
 from server.rounds import ClientOutcome, RoundReport
+from tests.postgres import POSTGRES_URL, unreachable_reason
 
-POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 BIG_NODE = 2**64 - 5  # Flower node ids are unsigned 64-bit
 
 
@@ -90,18 +90,9 @@ def test_invalid_url_is_named():
         open_database("not-a-url")
 
 
-def _postgres_available() -> str | None:
-    try:
-        with create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3}).connect() as c:
-            c.execute(text("select 1"))
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
-        return f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}"
-
-
 @pytest.fixture
 def postgres_url():
-    reason = _postgres_available()
+    reason = unreachable_reason()
     if reason:
         pytest.skip(reason)
     with scratch_schema(POSTGRES_URL, prefix="fedlora_test") as url:

@@ -10,37 +10,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from client.data import load_examples
 from client.enroll import device_env, node_config
-from server.certs import TlsFiles, generate_node_keys, generate_tls
+from server.certs import generate_node_keys
 from server.cli import main
 from server.deploy import run_overrides
 from server.launch import Daemon, parse_assignment, write_connection
 from server.simulation import free_port
-from tests.server.test_deploy_certs import tls_server
 
 FAST = 15.0  # seconds; every failure below must be reported well within this
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> TlsFiles:
-    return generate_tls(tmp_path_factory.mktemp("pki"), hostnames=["coordinator.example"])
-
-
-@pytest.fixture(scope="module")
-def other_ca(tmp_path_factory) -> Path:
-    return generate_tls(tmp_path_factory.mktemp("other"), hostnames=["coordinator.example"]).ca_cert
-
-
-@pytest.fixture(scope="module")
-def tls_address(pki) -> Iterator[str]:
-    with tls_server(pki) as address:
-        yield address
 
 
 @pytest.fixture

@@ -2,7 +2,12 @@
 
 import math
 
-from simulations.bench_perf import db_write_time, wire_overhead
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from server.db.session import scratch_schema
+from simulations.bench_perf import db_write_time, main, wire_overhead
+from tests.postgres import POSTGRES_URL, unreachable_reason
 
 
 def test_wire_bytes_cover_the_payload_and_overhead_is_small():
@@ -20,17 +25,11 @@ def test_db_write_time_is_measured(tmp_path):
 
 
 def test_postgres_write_time_uses_a_scratch_schema_that_is_dropped():
-    import pytest
-    from sqlalchemy import create_engine, inspect
-
-    from server.db.session import scratch_schema
-    from simulations.bench_perf import POSTGRES_URL
-
-    try:
-        admin = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
-        before = set(inspect(admin).get_schema_names())
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable: {type(exc).__name__}")
+    reason = unreachable_reason()
+    if reason:
+        pytest.skip(reason)
+    admin = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+    before = set(inspect(admin).get_schema_names())
     with scratch_schema(POSTGRES_URL) as url:
         row = db_write_time(url, repeats=2)
         during = set(inspect(admin).get_schema_names()) - before
@@ -41,10 +40,6 @@ def test_postgres_write_time_uses_a_scratch_schema_that_is_dropped():
 
 
 def test_unknown_section_is_refused_naming_the_valid_ones(capsys):
-    import pytest
-
-    from simulations.bench_perf import main
-
     with pytest.raises(SystemExit) as exc:
         main(["--sections", "2,9"])
     assert exc.value.code == 2

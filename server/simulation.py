@@ -1,12 +1,17 @@
 """Run the app on Flower's simulation engine from Python, the way ``flwr run`` does.
 
 ``LocalSuperLink`` starts Flower's own ``flower-superlink --simulation`` on a free
-loopback port, with its state and Flower's config under a project-local FLWR_HOME and
-runtime dependency installation disabled (it would re-resolve the project's
-dependencies per run, and fail offline). It is always stopped on exit, also when the
-run fails, the user presses Ctrl-C or the CLI gets SIGTERM, and with it every
+loopback port, with runtime dependency installation disabled (it would re-resolve the
+project's dependencies per run, and fail offline). It is always stopped on exit, also
+when the run fails, the user presses Ctrl-C or the CLI gets SIGTERM, and with it every
 process it started (Ray included). ``submit`` then hands the app to it with
 ``flwr run`` and streams Flower's log to a file.
+
+Each SuperLink gets a Flower home of its own (``<home>/links/link-XXXX``: the connection
+config ``flwr run`` reads, the SuperLink's state database), removed when it stops. A
+shared ``<home>/config.toml`` would let two simulations started from one directory
+rewrite each other's connection, and the first run's submission would go to the
+second SuperLink.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -59,10 +65,15 @@ def run_config_arg(overrides: Mapping[str, Any]) -> str:
 
 class LocalSuperLink:
     def __init__(self, *, flwr_home: Path, log_dir: Path) -> None:
-        self.flwr_home = flwr_home.resolve()
+        self.parent_home = flwr_home.resolve()
+        self.flwr_home = self.parent_home  # replaced by this link's own directory on __enter__
         self.log_dir = log_dir.resolve()
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"superlink-{self.flwr_home.name}.log"
 
     @property
     def env(self) -> dict[str, str]:
@@ -76,7 +87,9 @@ class LocalSuperLink:
         return env
 
     def __enter__(self) -> LocalSuperLink:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        links = self.parent_home / "links"
+        links.mkdir(parents=True, exist_ok=True)
+        self.flwr_home = Path(tempfile.mkdtemp(prefix="link-", dir=links))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -88,12 +101,15 @@ class LocalSuperLink:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--database", str(self.flwr_home / "superlink-state.db"),
         ]
-        log_file = open(self.log_dir / "superlink.log", "ab")
-        self.process = subprocess.Popen(
-            command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log_file.close()
-        self._wait_ready(timeout=60.0)
+        try:
+            with open(self.log_path, "ab") as log_file:
+                self.process = subprocess.Popen(
+                    command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            self._wait_ready(timeout=60.0)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -102,8 +118,7 @@ class LocalSuperLink:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"flower-superlink exited with code {self.process.returncode}; "
-                    f"see {self.log_dir / 'superlink.log'}"
+                    f"flower-superlink exited with code {self.process.returncode}; see {self.log_path}"
                 )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as resp:
@@ -134,6 +149,8 @@ class LocalSuperLink:
     def stop(self) -> None:
         if self.process is not None:
             terminate_tree(self.process)
+        if self.flwr_home != self.parent_home:  # this link's own state: nothing in it outlives the run
+            shutil.rmtree(self.flwr_home, ignore_errors=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -24,9 +24,19 @@ projection is ``Pi(rho_l) - Pi(rho_{l-1})`` with ``Pi(q)(D) = B_q B_q^T D A_q^T 
 global adapter is kept. There is no cross-term error anywhere. It is *not* T,
 though: T zero-pads, so it would shrink outer shells every round by the weight of
 the clients that lack them; renormalising treats "did not train this entry" as
-missing rather than as zero. So ``diagnostics.relative_error`` is ~0 when every
-client has rank max_rank, and otherwise reports this deliberate difference (plus
-any kept old entries outside every client's block).
+missing rather than as zero.
+
+Exactly when the round's aggregate equals T (``diagnostics.relative_error`` ~0): every
+participant of the round has the same rank r, and the global R is zero outside its
+top-left r x r block, since entries outside it keep their previous value. That holds
+always when r = max_rank; for r < max_rank only with the random init's R = 0 and no
+earlier round with a client of rank above r (never with an ``initial=`` R, which is
+diag(S) at full size). Otherwise relative_error reports the deliberate difference:
+with mixed ranks the renormalised outer shells (0.82 in a 2,4,8 run of the platform),
+and with equal ranks below max_rank any kept old entries outside the block.
+
+FedAvg, FedEx-LoRA, HetLoRA and LoRA-FAIR use the same rule on the components of
+(B, A) (``linalg.holder_weighted_mean``).
 
 Initialisation (run-constant B, A and the starting R, all per module):
 * ``initial=`` precomputed ``{"B", "A", "R"}`` per module, with R *folded* (the

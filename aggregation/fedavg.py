@@ -6,18 +6,23 @@ the average of the clients' updates: mean(B) @ mean(A) differs from mean(B @ A) 
 the weighted covariance sum_k p_k (B_k - B_bar)(A_k - A_bar) (exact when all A_k are
 equal). The relative error is logged every round so users see it on their own run.
 
-Heterogeneous ranks: factors are zero-padded to the maximum rank before averaging
-and truncated to each client's rank on the way back. Components above a client's
-rank are therefore averaged together with zeros from the lower-rank clients and
-shrink by the total weight of the clients that have them. Documented as inexact.
+Heterogeneous ranks (FedIT assumes one rank): component j of the global adapter (row j
+of A, column j of the folded B) is averaged over the participants that hold it
+(r_k > j), with their p_k renormalised over that set; a component no participant
+holds keeps its previous global value (``linalg.holder_weighted_mean``, the rule of
+Fed-SB's per-entry mean in ``aggregation.fed_sb``). The zero-padded mean this
+replaces shrank a component by the weight of the clients lacking it, and set it to
+exactly zero in a round without any client of higher rank: both factors zero, so
+their gradients are zero and the component never trains again. Clients get the first
+r_k components ("truncation"). Still inexact (the covariance term above), and the
+kept components are not part of any client's update, so they count in
+``diagnostics.relative_error`` too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from aggregation import register
 from aggregation.base import (
@@ -29,7 +34,7 @@ from aggregation.base import (
     Tensors,
 )
 from aggregation.init import lora_init
-from aggregation.linalg import example_weights, fold, folded_lora, pad_to, truncated_downlink
+from aggregation.linalg import example_weights, folded_lora, holder_weighted_mean, truncated_downlink
 
 
 @dataclass(frozen=True)
@@ -40,23 +45,9 @@ class FactorState:
     max_rank: int
 
 
-def padded_weighted_mean(
-    updates: Sequence[ClientUpdate], weights: np.ndarray, module: str, max_rank: int
-) -> dict[str, np.ndarray]:
-    """Weighted mean of zero-padded folded factors (s_k B_k, A_k) for one module."""
-    first = updates[0].tensors[module]
-    d_out, d_in = first["B"].shape[0], first["A"].shape[1]
-    b_mean = np.zeros((d_out, max_rank))
-    a_mean = np.zeros((max_rank, d_in))
-    for p, update in zip(weights, updates, strict=True):
-        b_mean += p * pad_to(fold(update, "B", module), (d_out, max_rank))
-        a_mean += p * pad_to(np.asarray(update.tensors[module]["A"], np.float64), (max_rank, d_in))
-    return {"A": a_mean, "B": b_mean}
-
-
 @register("fedavg")
 class FedAvg:
-    """Weighted mean of A and B, zero-padded to the maximum rank."""
+    """Weighted mean of A and B per component, over the clients that hold it."""
 
     uplink = frozenset({"A", "B"})
     adapter_kind = "lora"
@@ -70,8 +61,8 @@ class FedAvg:
     def aggregate(self, state: FactorState, updates: Sequence[ClientUpdate]) -> Aggregation:
         weights = example_weights(updates)
         factors = {
-            name: padded_weighted_mean(updates, weights, name, state.max_rank)
-            for name in state.factors
+            name: holder_weighted_mean(previous, updates, weights, name)
+            for name, previous in state.factors.items()
         }
         return Aggregation(state=FactorState(factors=factors, max_rank=state.max_rank))
 

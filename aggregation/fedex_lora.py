@@ -16,10 +16,15 @@ sending it low-rank is what the protocol asks for::
 (rank sum_k r_k + max_rank). Applying it on top of the global adapter gives
 ``B_bar A_bar + (T - B_bar A_bar) = T`` exactly, for mixed ranks and alphas.
 
-Heterogeneous ranks: the adapter part is FedAvg's zero-padded mean (see
-``aggregation.fedavg``), truncated to each client's rank on the way down; exactness is
-with respect to T as defined above, since the residual absorbs whatever the padded mean
-gets wrong.
+Heterogeneous ranks: the adapter part is FedAvg's per-component mean (see
+``aggregation.fedavg``): each component is averaged over the participants that hold it,
+and one that no participant holds keeps its previous value, so it stays alive in the
+adapter for the next high-rank client. The residual is taken against these new factors,
+kept components included: their product enters the residual with a minus sign, so
+after the round the model is still exactly ``W0 + (earlier base updates) + T``. The
+downlink is truncated to each client's rank, so a rank-r client starts from the global
+model minus the adapter's components r and above (a limit of truncation, not of the
+residual).
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
-"""HetLoRA: zero-padding with sparsity-weighted aggregation (Cho et al. 2024,
+"""HetLoRA: sparsity-weighted aggregation of mixed-rank LoRA factors (Cho et al. 2024,
 "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
 arXiv 2401.06432).
 
-Why: with mixed ranks, zero-padded FedAvg weights a client only by its data size,
-so updates that carry little (a low-rank, zero-padded update is mostly zeros; a
-client that barely moved has a small update) pull the global factors towards zero
-as hard as updates that carry a lot. HetLoRA weights each client by the size of
-its update instead: ``w_k = ||s_k B_k A_k||_F / sum_j ||s_j B_j A_j||_F``, computed
-per module (the paper states it for one LoRA matrix; we apply it to each adapted
-module separately) on the folded update, so alpha and rank scalings count. The
+Why: with mixed ranks, zero-padded FedAvg (the paper's baseline) weights a client
+only by its data size, so updates that carry little (a low-rank, zero-padded update
+is mostly zeros; a client that barely moved has a small update) pull the global
+factors towards zero as hard as updates that carry a lot. HetLoRA weights each
+client by the size of its update instead:
+``w_k = ||s_k B_k A_k||_F / sum_j ||s_j B_j A_j||_F``, computed per module (the paper
+states it for one LoRA matrix; we apply it to each adapted module separately) on the
+folded update, so alpha and rank scalings count. The
 norm is taken on the low-rank factors (``linalg.lowrank_fro_norm``), never densely.
 
 The paper's weight is the norm alone, with no example counts. We follow it by
@@ -16,11 +17,18 @@ default; ``weight_by_examples=True`` uses ``n_k * ||s_k B_k A_k||_F`` (normalise
 an option for federations whose data sizes differ a lot. If every client's update
 of a module is exactly zero, the norms say nothing and we fall back to p_k.
 
-Aggregation zero-pads the folded factors ``s_k B_k`` and ``A_k`` to max_rank and
-averages them with these weights (as FedAvg does with p_k); the server sends each
-client the first r_k components ("truncation"). Like FedAvg this averages factors,
-not products, so it is inexact (the weighted covariance of the factors), and
-components above a client's rank are averaged with its zeros and shrink. Note that
+Aggregation, where we deviate from the paper: the paper zero-pads the folded factors
+``s_k B_k`` and ``A_k`` to max_rank and averages them with these weights. Zero padding
+shrinks each component by the weight of the clients that lack it, and in a round where
+no participant has rank above r it sets components r and above to exactly zero (both
+factors, so their gradients are zero and they never train again). We average each
+component (row j of A, column j of s B) over the participants that hold it, with w_k
+renormalised over them, and keep the previous global value where none does
+(``linalg.holder_weighted_mean``, shared with FedAvg and the rule of Fed-SB's per-entry
+mean). With equal ranks at max_rank this is the paper's aggregate exactly. A client
+with w_k = 0 (a zero update) counts as holding nothing. The server sends each client
+the first r_k components ("truncation"). Like FedAvg this averages factors, not
+products, so it is inexact (the weighted covariance of the factors). Note that
 ``diagnostics.relative_error`` measures against T with example weights p_k, so for
 HetLoRA it also includes the deliberate difference between w_k and p_k.
 
@@ -46,9 +54,15 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.fedavg import padded_weighted_mean
 from aggregation.init import lora_init
-from aggregation.linalg import example_weights, fold, folded_lora, lowrank_fro_norm, truncated_downlink
+from aggregation.linalg import (
+    example_weights,
+    fold,
+    folded_lora,
+    holder_weighted_mean,
+    lowrank_fro_norm,
+    truncated_downlink,
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,7 @@ def sparsity_weights(
 
 @register("hetlora")
 class HetLoRA:
-    """Zero-padded factor averaging, weighted by the Frobenius norm of each update."""
+    """Per-component factor averaging, weighted by the Frobenius norm of each update."""
 
     uplink = frozenset({"A", "B"})
     adapter_kind = "lora"
@@ -95,9 +109,9 @@ class HetLoRA:
 
     def aggregate(self, state: HetState, updates: Sequence[ClientUpdate]) -> Aggregation:
         factors = {}
-        for name in state.factors:
+        for name, previous in state.factors.items():
             w = sparsity_weights(updates, name, weight_by_examples=self.weight_by_examples)
-            factors[name] = padded_weighted_mean(updates, w, name, state.max_rank)
+            factors[name] = holder_weighted_mean(previous, updates, w, name)
         return Aggregation(state=HetState(factors=factors, max_rank=state.max_rank))
 
     def global_delta(self, state: HetState) -> Tensors:

@@ -1,4 +1,4 @@
-"""Small numeric helpers shared by the aggregators (weights, padding, stacking)."""
+"""Small numeric helpers shared by the aggregators (weights, padding, stacking, means)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,55 @@ def unfold_for(factors: Factors, *, scale: float, into: str) -> Factors:
     out = {name: np.asarray(value, dtype=np.float64).copy() for name, value in factors.items()}
     out[into] = out[into] / scale
     return out
+
+
+def holder_weighted_mean(
+    previous: Factors, updates: Sequence[ClientUpdate], weights: np.ndarray, module: str
+) -> Factors:
+    """Folded LoRA factors averaged per component over the clients that hold it.
+
+    Component j of a rank-m adapter is row j of A and column j of the folded B (s B). A
+    rank-r_k client holds components 0 .. r_k - 1. For each j the result is
+
+        sum_{k holds j} w_k (s_k B_k[:, j], A_k[j]) / sum_{k holds j} w_k
+
+    (weights renormalised over the holders), and where no client with w_k > 0 holds j,
+    ``previous[...][j]`` (the global value the clients were sent) is kept.
+
+    Why not the zero-padded mean: it averages each component with zeros from the
+    clients that lack it, so a component no participant holds becomes exactly
+    B[:, j] = 0 and A[j] = 0, and in a PEFT layer both factors of such a component get
+    exactly zero gradient; it would never train again once ``clients-per-round`` left
+    the highest-rank node out of one round. This is the rule of Fed-SB's per-entry mean
+    of R (``aggregation.fed_sb.entrywise_mean``) applied to the components of (B, A).
+    With every client at rank m it is the plain weighted mean sum_k w_k (s_k B_k, A_k).
+
+    ``weights`` are one per update (e.g. p_k, or HetLoRA's norms); a client with weight 0
+    counts as holding nothing. Returns new float64 arrays; nothing is mutated.
+    """
+    b_prev = np.asarray(previous["B"], dtype=np.float64)
+    a_prev = np.asarray(previous["A"], dtype=np.float64)
+    max_rank = a_prev.shape[0]
+    b_sum = np.zeros_like(b_prev)
+    a_sum = np.zeros_like(a_prev)
+    mass = np.zeros(max_rank)
+    for w, update in zip(weights, updates, strict=True):
+        factors = update.tensors[module]
+        rank = update.rank
+        b_shape, a_shape = np.shape(factors["B"]), np.shape(factors["A"])
+        if rank > max_rank or b_shape != (b_prev.shape[0], rank) or a_shape != (rank, a_prev.shape[1]):
+            raise ValueError(
+                f"node {update.node_id}, module {module}: B {b_shape} and A {a_shape} do not "
+                f"fit rank {rank} <= {max_rank} on a {b_prev.shape[0]} x {a_prev.shape[1]} module"
+            )
+        b_sum[:, :rank] += w * fold(update, "B", module)
+        a_sum[:rank] += w * np.asarray(factors["A"], dtype=np.float64)
+        mass[:rank] += w
+    held = mass > 0
+    b_out, a_out = b_prev.copy(), a_prev.copy()
+    b_out[:, held] = b_sum[:, held] / mass[held]
+    a_out[held] = a_sum[held] / mass[held][:, None]
+    return {"A": a_out, "B": b_out}
 
 
 def stack_lowrank(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> Factors:

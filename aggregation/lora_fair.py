@@ -37,9 +37,9 @@ solves it with SGD; we use accelerated proximal gradient descent (FISTA with res
 with the analytic gradient of the cosine term and the exact proximal step (group
 soft-threshold) of the norm, which handles its kink at dB = 0 where the iteration
 starts. Backtracking and restarts make the objective decrease monotonically; plain
-gradient steps needed thousands of iterations when zero padding leaves A_bar badly
-conditioned, these need tens to a couple of hundred. ``steps`` caps the iterations
-and ``lr`` is the first trial step relative to the natural scale
+gradient steps needed thousands of iterations when A_bar is badly conditioned (mixed
+ranks and uneven weights do that), these need tens to a couple of hundred. ``steps``
+caps the iterations and ``lr`` is the first trial step relative to the natural scale
 ||B_bar A_bar||^2 / ||A_bar||_2^2, so neither depends on the units of the factors.
 
 The cosine is blind to magnitude: its optimum is a ray, and the solver lands wherever
@@ -52,9 +52,13 @@ plain FedAvg, so the result is never worse than FedAvg. The t of each module is 
 in the state (``correction_step``).
 
 Heterogeneous ranks (the paper assumes equal ranks): A_bar and B_bar are FedAvg's
-zero-padded means at the maximum rank (see ``aggregation.fedavg``) and the downlink is
-truncated to each client's rank, so a low-rank client starts from part of the corrected
-product.
+per-component means at the maximum rank (``linalg.holder_weighted_mean``, see
+``aggregation.fedavg``): each component averaged over the participants that hold it,
+the previous global value kept where none does. The correction is computed against
+this mean, kept components included: a kept row of A_bar is one more direction dB
+may use to fit T, and a kept column of B_bar may be corrected like any other (with a
+zero dB, e.g. a large lam, it stays exactly as it was). The downlink is truncated to
+each client's rank, so a low-rank client starts from part of the corrected product.
 """
 
 from __future__ import annotations
@@ -74,7 +78,6 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.fedavg import padded_weighted_mean
 from aggregation.init import lora_init
 from aggregation.linalg import (
     check_lora_update,
@@ -82,6 +85,7 @@ from aggregation.linalg import (
     fold,
     folded_lora,
     folded_pairs,
+    holder_weighted_mean,
     lowrank_fro_norm,
     stack_lowrank,
     truncated_downlink,
@@ -106,8 +110,8 @@ def _pinv_filter(s: np.ndarray, shape: tuple[int, int], ridge: float) -> np.ndar
     """phi(s) with A_bar^+ = V diag(phi) U^T: 1/s (cut at pinv's tolerance) or s/(s^2+ridge)."""
     if ridge > 0.0:
         return s / (s * s + ridge)
-    # Zero-padded rows give exact zero singular values; treat near-zero ones as zero,
-    # with numpy.linalg.pinv's default tolerance.
+    # A rank-deficient A_bar (zero or dependent rows) gives zero singular values up to
+    # rounding; treat near-zero ones as zero, with numpy.linalg.pinv's default tolerance.
     cutoff = (s.max(initial=0.0)) * max(shape) * np.finfo(np.float64).eps
     out = np.zeros_like(s)
     keep = s > cutoff
@@ -204,7 +208,7 @@ def paper_correction(
         return loss(b_bar + x) + lam * float(np.linalg.norm(x)) / b_norm
 
     # Accelerated proximal gradient (FISTA) with backtracking and function-value
-    # restart (O'Donoghue & Candes 2015): zero padding and uneven client weights make
+    # restart (O'Donoghue & Candes 2015): mixed ranks and uneven client weights make
     # A_bar A_bar^T badly conditioned, where plain gradient steps crawl. A restart drops
     # the momentum and takes a plain proximal step, which cannot increase the
     # objective, so the iterates only ever improve on dB = 0.
@@ -305,8 +309,9 @@ class LoraFair:
         factors: Tensors = {}
         norms: dict[str, float] = {}
         steps: dict[str, float] = {}
-        for name in state.factors:
-            mean = padded_weighted_mean(updates, weights, name, state.max_rank)
+        for name, previous in state.factors.items():
+            # every step below (both solvers, the step t) works on this mean
+            mean = holder_weighted_mean(previous, updates, weights, name)
             if self.solver == "closed-form":
                 delta = closed_form_correction(
                     iter_folded(updates, weights, name), mean, self.ridge

@@ -18,8 +18,9 @@ Calibration. The sum is taken over *scale-folded* factors (``s`` multiplied into
 or R, aggregation.base), so clients clip the folded update
 ``(s ΔB, ΔA)`` / ``s ΔR`` / ``s ΔB`` against what they were sent. Each coordinate c
 of the aggregate is ``Σ_k w_{k,c} x_{k,c}`` with one weight ``w_c`` shared by every
-client that has that coordinate (FedAvg/FFA-LoRA: the client's weight ``p_k``;
-Fed-SB with mixed ranks renormalises each entry over the clients that trained it).
+client that has that coordinate (FFA-LoRA: the client's weight ``p_k``; FedAvg and
+Fed-SB renormalise each component / entry over the clients that hold it, so with mixed
+ranks a coordinate only some clients hold weighs each of them more).
 Adding noise of standard deviation ``z · C · w_c`` per coordinate makes the
 Mahalanobis sensitivity of one client's contribution at most ``1 / z``: exactly the
 Gaussian mechanism with noise multiplier ``z``. With equal ranks and uniform
@@ -87,12 +88,13 @@ class SumLayout:
     """Where a rank-r client's upload lands in the aggregate, and how entries are normalised."""
 
     coverage: Mapping[str, Callable[[tuple[int, int], int], np.ndarray]]  # factor -> mask(shape, rank)
-    renormalised: bool  # True: each entry is averaged over the clients that have it (Fed-SB)
+    renormalised: bool  # True: each entry is averaged over the clients that have it (FedAvg, Fed-SB)
 
 
 #: aggregators whose aggregate is a weighted sum of (zero-padded, scale-folded) uploads
 SUM_AGGREGATORS: dict[str, SumLayout] = {
-    "fedavg": SumLayout(coverage={"A": _rows, "B": _cols}, renormalised=False),
+    # FedAvg's mean is per component over its holders (aggregation.linalg.holder_weighted_mean)
+    "fedavg": SumLayout(coverage={"A": _rows, "B": _cols}, renormalised=True),
     "ffa-lora": SumLayout(coverage={"B": _cols}, renormalised=False),
     "fed-sb": SumLayout(coverage={"R": _block}, renormalised=True),
 }

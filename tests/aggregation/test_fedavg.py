@@ -57,17 +57,25 @@ def test_exact_when_all_a_are_equal(seed, ranks):
     assert relative_error(agg, state, result, updates) < 1e-9
 
 
-def test_zero_padding_shrinks_high_components_by_their_weight():
+def test_components_one_client_holds_take_its_value_not_a_shrunk_one():
+    """Ranks 2 and 8: components 2..7 are averaged over their one holder (weight 1).
+
+    The zero-padded mean gave p_hi * value, shrinking them by the weight of the
+    rank-2 client that does not have them.
+    """
     updates = random_updates(3, [2, 8], alphas=[4.0, 16.0])
     agg, _, result = _aggregate(updates)
     p = np.array([u.num_examples for u in updates], float)
     p /= p.sum()
     for name in MODULES:
         g = result.state.factors[name]
-        hi = updates[1]
-        # components 2..7 exist only at the rank-8 client: mean with zeros = p_hi * value
-        np.testing.assert_allclose(g["A"][2:], p[1] * hi.tensors[name]["A"][2:])
-        np.testing.assert_allclose(g["B"][:, 2:], p[1] * hi.scale * hi.tensors[name]["B"][:, 2:])
+        lo, hi = updates
+        np.testing.assert_allclose(g["A"][2:], hi.tensors[name]["A"][2:], rtol=1e-14)
+        np.testing.assert_allclose(g["B"][:, 2:], hi.scale * hi.tensors[name]["B"][:, 2:], rtol=1e-14)
+        # components both hold: the plain weighted mean
+        np.testing.assert_allclose(
+            g["A"][:2], p[0] * lo.tensors[name]["A"] + p[1] * hi.tensors[name]["A"][:2]
+        )
 
 
 def test_unequal_scaling_is_folded_before_averaging():

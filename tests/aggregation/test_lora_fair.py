@@ -5,8 +5,7 @@ from hypothesis import strategies as st
 
 from aggregation import ClientInfo, create
 from aggregation.diagnostics import relative_error
-from aggregation.fedavg import padded_weighted_mean
-from aggregation.linalg import dense, example_weights, folded_pairs
+from aggregation.linalg import dense, example_weights, folded_pairs, holder_weighted_mean
 from aggregation.lora_fair import (
     cross_terms,
     frobenius_norm_of_sum,
@@ -51,7 +50,8 @@ def _pooled_bound(updates, result):
 def test_closed_form_reaches_the_row_space_lower_bound(seed, ranks, max_rank):
     """No B-only correction can do better; the least-squares dB does exactly this well.
 
-    max_rank above every client's rank leaves zero rows in A_bar (a singular A A^T).
+    max_rank above every client's rank keeps A_bar's initial rows for the components no
+    client holds: the correction may use them too, and still cannot beat this floor.
     """
     updates = random_updates(seed, ranks)
     agg, state, result = _run(updates, max_rank)
@@ -91,8 +91,9 @@ def test_paper_objective_without_regulariser_reaches_the_best_cosine(seed, ranks
     that of the projection of T on A_bar's row space, i.e. of the closed form."""
     updates = random_updates(seed, ranks)
     w = example_weights(updates)
+    start = create("lora-fair").init_state(spec(8))
     for name in MODULES:
-        mean = padded_weighted_mean(updates, w, name, 8)
+        mean = holder_weighted_mean(start.factors[name], updates, w, name)
         pairs = folded_pairs(updates, w, name)
         c, gram = cross_terms(pairs, mean["A"])
         delta = paper_correction(
@@ -123,7 +124,8 @@ def test_paper_regulariser_keeps_small_improvements_at_zero():
 def test_frobenius_step_is_the_best_point_on_the_segment():
     updates = random_updates(12, [3, 5, 8])
     w = example_weights(updates)
-    mean = padded_weighted_mean(updates, w, "layer0.q", 8)
+    start = create("lora-fair").init_state(spec(8))
+    mean = holder_weighted_mean(start.factors["layer0.q"], updates, w, "layer0.q")
     pairs = folded_pairs(updates, w, "layer0.q")
     c, gram = cross_terms(pairs, mean["A"])
     delta = paper_correction(
@@ -154,12 +156,14 @@ def test_unequal_scales_are_folded_per_client(solver):
     agg, _, before = _run(updates, solver=solver)
     same_adapters = [rescaled(updates[0], 5.0), updates[1], rescaled(updates[2], 0.1)]
     _, _, after = _run(same_adapters, solver=solver)
+    # The paper solver stops when its objective changes by rounding only; along the
+    # cosine's near-flat ray that leaves dB known to ~1e-6 relative, so rounding-level
+    # differences of the folded inputs move it that much (1e-9 failed on 8 of 40 seeds
+    # before the per-holder mean too). Ignoring s_k would be off by O(1).
     for name in MODULES:
-        np.testing.assert_allclose(
-            dense(agg.global_delta(after.state)[name]),
-            dense(agg.global_delta(before.state)[name]),
-            atol=1e-9,
-        )
+        want = dense(agg.global_delta(before.state)[name])
+        atol = 1e-9 if solver == "closed-form" else 1e-5 * np.abs(want).max()
+        np.testing.assert_allclose(dense(agg.global_delta(after.state)[name]), want, atol=atol)
 
 
 def test_downlink_is_the_corrected_adapter_unfolded_for_the_client():

@@ -87,14 +87,19 @@ def test_noise_is_calibrated_per_coordinate():
     quiet = CentralDP(inner=aggregation.create("fedavg"), clip=clip, noise_multiplier=0.0)
     state = _trained_state(inner)
     updates = _updates(inner, state, ranks=[4, 2], counts=[1, 1], seed=3)
-    noise = np.concatenate([
-        (np.asarray(wrapped.aggregate(state, updates).state.factors["layer0.q"]["A"])
-         - np.asarray(quiet.aggregate(state, updates).state.factors["layer0.q"]["A"])).ravel()
+    noise = np.stack([
+        np.asarray(wrapped.aggregate(state, updates).state.factors["layer0.q"]["A"])
+        - np.asarray(quiet.aggregate(state, updates).state.factors["layer0.q"]["A"])
         for _ in range(200)
     ])
-    # two clients, uniform weights 1/2, every covered row: std z * C / 2
-    assert np.std(noise) == pytest.approx(z * clip / 2, rel=0.05)
-    assert wrapped.last_noise_std == pytest.approx(z * clip / 2)
+    # FedAvg averages each component over the clients that hold it (aggregation.linalg
+    # holder_weighted_mean), so the weight of one client there, and the noise, follow:
+    # rows 0-1 both clients hold, weight 1/2 each: std z * C / 2
+    assert np.std(noise[:, :2]) == pytest.approx(z * clip / 2, rel=0.05)
+    # rows 2-3 only the rank-4 client holds, weight 1: std z * C (not z * C / 2: that
+    # would under-noise the one client whose update moves those rows by its full size)
+    assert np.std(noise[:, 2:]) == pytest.approx(z * clip, rel=0.05)
+    assert wrapped.last_noise_std == pytest.approx(z * clip)
 
 
 def test_fed_sb_noise_follows_the_entrywise_renormalisation():

@@ -8,7 +8,10 @@ server resends everything it lacks next time.
 
 With DP-SGD on for the node (run or node config, ``privacy/``), the round is planned
 against the node's durable privacy ledger first: a round that would pass the target ε
-is declined ("declined" with the reason) before the model is even built.
+is declined ("declined" with the reason) before the model is even built. A round that
+breaks after planning answers "failed" with the reason and the ledger's ε (the
+reservation may already be spent), and a node whose own dp-* config is invalid answers
+"failed" without training.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import contextlib
 import copy
 import functools
 import hashlib
+import traceback
+from logging import ERROR
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from client.data import Example, load_examples, partition, split_heldout
 from client.model import AdaptedModel, AdapterSpec, fold_into_base
@@ -28,7 +34,7 @@ from client.presets import BaseModel, load_base
 from client.trainer import TrainConfig, device, train
 from privacy.central import clip_update
 from privacy.client import PrivateRound, private_round
-from privacy.settings import local_dp
+from privacy.settings import check_node_config, local_dp
 from server.config import RunConfig, check_rank
 from server.wire import merges_to_record, record_to_merges, record_to_tensors, tensors_to_record
 
@@ -97,10 +103,14 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Message:
+    try:
+        check_node_config(context.node_config)
+    except ValueError as exc:
+        # a node_config written by hand for flower-supernode never passed `client start`'s
+        # check, and an ignored dp-* key would drop the node's own budget: never train on it
+        return _reply(msg, status="failed", reason=str(exc), metrics={})
     cfg = RunConfig.from_flower(context.run_config)
     settings = msg.content["config"]
-    rank, alpha = int(settings["rank"]), float(settings["alpha"])
-    server_round = int(settings["server-round"])
 
     merges = _known_merges(msg, context)
     needed = [r for r in settings["merge-rounds"] if r > 0]
@@ -113,14 +123,32 @@ def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Messa
 
     examples = local_examples(context, cfg)
     dp_round = _private_round(context, cfg, settings, examples, stack)
+    held = {"merged-through": max(needed or [0])}
     if dp_round is not None and dp_round.declined:
-        metrics = {**dp_round.metrics(), "merged-through": max(needed or [0])}
-        return _reply(msg, status="declined", reason=dp_round.reason, metrics=metrics,
+        return _reply(msg, status="declined", reason=dp_round.reason, metrics={**dp_round.metrics(), **held},
                       frozen_hash=str(settings["frozen-hash"]))
+    try:
+        return _trained(msg, context, cfg, examples=examples, merges=[merges[r] for r in sorted(needed)],
+                        frozen=frozen, dp_round=dp_round, held=held)
+    except Exception as exc:
+        if dp_round is None:
+            raise  # nothing was charged: Flower's own error reply says what failed
+        # The ledger may already hold this round's reservation. A failed reply that carries
+        # the ε it holds keeps the server's record, and the run's max ε, from falling below it.
+        log(ERROR, "DP-SGD round failed after planning:\n%s", traceback.format_exc())
+        return _reply(msg, status="failed", reason=f"{type(exc).__name__}: {exc}",
+                      metrics={**dp_round.metrics(), **held}, frozen_hash=str(settings["frozen-hash"]))
 
+
+def _trained(msg: Message, context: Context, cfg: RunConfig, *, examples: list[Example], merges: list[dict],
+             frozen: dict | None, dp_round: PrivateRound | None, held: dict[str, int]) -> Message:
+    """Build the model, train one round and encode the "ok" reply."""
+    settings = msg.content["config"]
+    rank, alpha = int(settings["rank"]), float(settings["alpha"])
+    server_round = int(settings["server-round"])
     base = cached_base(cfg.model)
     model = copy.deepcopy(base.model)
-    fold_into_base(model, [merges[r] for r in sorted(needed)])
+    fold_into_base(model, merges)
     if dp_round is not None:
         model.to(device())  # DP order: model, device, adapters, optimizer, make_private
     # seeded by the stable node key, so a resumed or repeated run trains identically
@@ -156,7 +184,7 @@ def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Messa
         "train-loss-last": result.last_loss,
         "train-seconds": result.seconds,
         "steps": result.steps,
-        "merged-through": max(needed or [0]),
+        **held,
         **(dp_round.metrics() if dp_round is not None else {}),
     }
     update = adapted.export(uplink)

@@ -13,11 +13,13 @@ Choices, and why:
   the PEFT model itself instead of wrapping it in a ``GradSampleModule``, so the
   model keeps working as a PEFT / transformers model (keyword forward, attribute
   access) and is clean again after ``cleanup()``.
-* Poisson sampling (Opacus's ``DPDataLoader``): what the accountant assumes. Its
-  batches vary in size and may be empty. A transformers model cannot run on zero
-  rows, and skipping the step would leave a step that the accountant does not count,
-  so an empty batch becomes a noise-only step: zero-row per-sample gradients, then
-  the optimizer's usual clip (of nothing), noise and accounting.
+* Poisson sampling (Opacus's ``UniformWithReplacementSampler``) at exactly the rate
+  ``make_private`` hands its accountant, for exactly the planned steps; the plan's rate
+  comes from the same Opacus loader (``poisson_sample_rate``). Batches vary in size and
+  may be empty. A transformers model cannot run on zero rows, and skipping the step
+  would leave a step that the accountant does not count, so an empty batch becomes a
+  noise-only step: zero-row per-sample gradients, then the optimizer's usual clip (of
+  nothing), noise and accounting.
 * The collate function is primed once with one example: Opacus's empty-batch
   collate learns the batch structure (our dict of tensors) from the first non-empty
   batch and otherwise crashes when the very first Poisson batch is empty.
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import secrets
 import warnings
@@ -58,10 +59,24 @@ class DPIncompatibleError(ValueError):
 
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
-    """The sample rate Opacus derives from a DataLoader of this size (1 / its length)."""
+    """The sample rate Opacus's ``make_private`` accounts for this many examples at this batch size.
+
+    ``make_private`` wraps the loader in a ``DPDataLoader`` sampling at ``1 / len(loader)``
+    = 1 / ceil(n / b), and hands its accountant ``1 / len(DPDataLoader)``, whose length is
+    ``int(1 / rate)``. In floating point ``int(1 / (1 / m))`` is m - 1 for some m (93, 99,
+    105, ...), so the accounted rate is not 1 / ceil(n / b) there. The rate is therefore
+    taken from Opacus's own loader, built exactly as ``OpacusDPSGD.attach`` builds it.
+    """
     if num_examples < 1 or batch_size < 1:
         raise ValueError(f"need examples and batch size >= 1, got {num_examples} and {batch_size}")
-    return 1.0 / math.ceil(num_examples / batch_size)
+    from opacus.data_loader import DPDataLoader
+
+    return _accounted_rate(DPDataLoader.from_data_loader(_index_loader(num_examples, batch_size)))
+
+
+def _accounted_rate(dp_loader: DataLoader) -> float:
+    """What ``make_private`` passes its accountant's step hook for this Poisson loader."""
+    return 1.0 / len(dp_loader)
 
 
 # --- what Opacus can train ---------------------------------------------------------------
@@ -218,6 +233,11 @@ class _Indices(Dataset):
         return (index,)
 
 
+def _index_loader(num_examples: int, batch_size: int, **kwargs: Any) -> DataLoader:
+    """The loader handed to ``make_private``; the plan's rate is derived from the same one."""
+    return DataLoader(_Indices(num_examples), batch_size=batch_size, **kwargs)
+
+
 def _collate(items: list[tuple[int]], *, examples: Sequence[Any], tokenizer: Any, max_len: int) -> dict:
     return collate([examples[i] for (i,) in items], tokenizer, max_len)
 
@@ -266,6 +286,7 @@ class OpacusDPSGD:
     def attach(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Any],
                tokenizer: Any, cfg: Any) -> _Session:
         from opacus import PrivacyEngine
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         cfg_steps, batch_size, max_len = int(cfg.steps), int(cfg.batch_size), int(cfg.max_len)
         if cfg_steps != self.config.steps:
@@ -279,11 +300,11 @@ class OpacusDPSGD:
             )
         mode = GRAD_SAMPLE_MODES[self.config.grad_sample_mode]
         device = next(p for p in model.parameters() if p.requires_grad).device
-        loader = DataLoader(
-            _Indices(len(examples)),
-            batch_size=batch_size,
+        sampling = _generator(self.config.sampling_seed)
+        loader = _index_loader(
+            len(examples), batch_size,
             collate_fn=functools.partial(_collate, examples=examples, tokenizer=tokenizer, max_len=max_len),
-            generator=_generator(self.config.sampling_seed),
+            generator=sampling,
         )
         with _expected_warnings():
             engine = PrivacyEngine(accountant=self.config.accountant)
@@ -307,14 +328,27 @@ class OpacusDPSGD:
             hooks, dp_optimizer, criterion, dp_loader = made
         else:
             (hooks, dp_optimizer, dp_loader), criterion = made, None
-        if dp_loader.sample_rate != self.config.sample_rate:  # the accountant steps at this rate
+        accounted = _accounted_rate(dp_loader)
+        if accounted != self.config.sample_rate:
             hooks.cleanup()
-            raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate}, the plan at {self.config.sample_rate}")
-        dp_loader.collate_fn([(0,)])  # prime the empty-batch collate with one example's structure
+            raise RuntimeError(f"Opacus accounts a sample rate of {accounted}, the plan {self.config.sample_rate}")
+        # Opacus's loader samples at 1 / ceil(n / b), which can be below the rate its accountant
+        # steps at (see poisson_sample_rate). Sample with Opacus's own Poisson sampler at exactly
+        # the accounted rate, for exactly the planned steps, so that what is sampled, what is
+        # accounted and what was reserved are one figure. Same generator, same collate.
+        batches = DataLoader(
+            dp_loader.dataset,
+            batch_sampler=UniformWithReplacementSampler(
+                num_samples=len(examples), sample_rate=accounted, generator=sampling, steps=self.config.steps,
+            ),
+            collate_fn=dp_loader.collate_fn,
+            generator=sampling,
+        )
+        batches.collate_fn([(0,)])  # prime the empty-batch collate with one example's structure
         if self.on_reserve is not None:
             self.on_reserve(self.config.history_after)
         return _Session(hook=self, engine=engine, hooks=hooks, optimizer=dp_optimizer, criterion=criterion,
-                        loader=dp_loader, mode=mode)
+                        loader=batches, mode=mode)
 
 
 class _Session:
@@ -333,9 +367,8 @@ class _Session:
         self.closed = False
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Exactly ``steps`` Poisson batches (possibly empty), over as many passes as needed."""
-        passes = (batch for _ in itertools.count() for batch in self.loader)
-        return itertools.islice(passes, self.hook.config.steps)
+        """Exactly ``steps`` Poisson batches (possibly empty): the sampler is built for that many."""
+        return iter(self.loader)
 
     def step(self, per_sequence: torch.Tensor) -> None:
         with _expected_warnings():

@@ -24,8 +24,10 @@ class EpsilonSummary:
 def max_epsilon(engine: Engine, run_id: int) -> EpsilonSummary | None:
     """The maximum ε across clients for a run; None when no client reported DP figures.
 
-    Every reply with DP on carries ``dp-epsilon`` (spent so far on that node's data,
-    declined replies included), so the largest one is the run's worst case. Read in
+    Every reply with DP on carries ``dp-epsilon`` (spent so far on that node's data, as
+    its ledger holds it), whatever its status: declined, failed after the round was
+    reserved, or rejected by the server, a node's ledger was charged all the same. So
+    every row carrying it counts, and the largest is the run's worst case. Read in
     Python rather than with JSON SQL, which differs between SQLite and PostgreSQL.
     """
     with Session(engine) as session:

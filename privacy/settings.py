@@ -15,7 +15,9 @@ Local DP-SGD is on when dp-epsilon or dp-noise-multiplier is > 0. A node's own
 ``node_config`` wins over the run config, so an organisation can demand a stricter
 budget than the federation's default. The central-DP keys (dp-central-clip,
 dp-central-noise) are run-wide only: the server calibrates its noise to one clip, so
-a node may not change it.
+a node may not change it. Any other ``dp-*`` key in a node's config, or a value that
+does not parse, is refused (``check_node_config``) at ``client start`` and again by
+the ClientApp, never ignored.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ class DPSettings:
         for key, value in (("dp-epsilon", self.epsilon), ("dp-noise-multiplier", self.noise_multiplier)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{key} must be a finite number >= 0 (0 = off), got {value}")
-        if not self.enabled:
-            return  # the remaining keys only matter with DP on
+        if self.enabled:  # the remaining keys only matter with DP on
+            self.check_knobs()
+
+    def check_knobs(self) -> None:
+        """Validate the keys that only matter with DP on (a node checks its own up front)."""
         if not 0 < self.delta < 1:
             raise ValueError(f"dp-delta must be in (0, 1) with DP on, got {self.delta}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -78,12 +83,16 @@ class DPSettings:
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise TypeError("a boolean is not a number")
-    return float(value)
+    if isinstance(value, bool):  # float(True) would read as 1.0
+        raise TypeError("expected a number, not a boolean")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
 
 
-#: config key -> (DPSettings field, how a node-config value is read)
+#: config key -> (DPSettings field, how a value is read): every dp-* key a run config
+#: or a node's own node_config may set (the central-DP keys below are run-wide only)
 LOCAL_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dp-epsilon": ("epsilon", _number),
     "dp-delta": ("delta", _number),
@@ -95,6 +104,43 @@ LOCAL_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dp-state-dir": ("state_dir", str),
 }
 CENTRAL_KEYS = ("dp-central-clip", "dp-central-noise")
+DP_PREFIX = "dp-"  # every DP key starts with it; other node_config keys (rank, data) are not DP's
+
+
+def _read(key: str, value: Any, *, where: str) -> tuple[str, Any]:
+    name, read = LOCAL_KEYS[key]
+    try:
+        return name, read(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} {key}: {value!r} is not valid ({exc})") from None
+
+
+def node_overrides(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``DPSettings`` fields a node's own config sets, read.
+
+    Any other ``dp-*`` key is refused, not ignored: a misspelt ``dp-epsion=2`` would
+    otherwise silently drop the node's stricter budget.
+    """
+    values: dict[str, Any] = {}
+    for key, value in node_config.items():
+        if not key.startswith(DP_PREFIX):
+            continue
+        if key in CENTRAL_KEYS:
+            raise ValueError(f"node config may not set {key!r}: central DP is calibrated run-wide")
+        if key not in LOCAL_KEYS:
+            raise ValueError(f"node config key {key!r} is not a DP setting; valid: {', '.join(LOCAL_KEYS)}")
+        name, read_value = _read(key, value, where="node config")
+        values[name] = read_value
+    return values
+
+
+def check_node_config(node_config: Mapping[str, Any]) -> None:
+    """Validate a node's own dp-* keys before it serves any run (``client start``, the ClientApp).
+
+    The run may switch DP on for this node, so its keys are checked as DP-on values even
+    when the node itself leaves DP off.
+    """
+    DPSettings(**node_overrides(node_config)).check_knobs()
 
 
 def local_dp(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> DPSettings | None:
@@ -103,18 +149,8 @@ def local_dp(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | Non
     ``run_config`` uses Flower's hyphenated keys (``RunConfig.to_flower()`` or
     ``context.run_config``); ``node_config`` values override them.
     """
-    node = dict(node_config or {})
-    central = sorted(k for k in CENTRAL_KEYS if k in node)
-    if central:
-        raise ValueError(f"node config may not set {central}: central DP is calibrated run-wide")
-    values: dict[str, Any] = {}
-    for source, where in ((run_config, "run config"), (node, "node config")):
-        for key, (name, read) in LOCAL_KEYS.items():
-            if key in source:
-                try:
-                    values[name] = read(source[key])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{where} {key}: {source[key]!r} is not valid") from None
+    values = dict(_read(key, run_config[key], where="run config") for key in LOCAL_KEYS if key in run_config)
+    values.update(node_overrides(node_config or {}))
     settings = DPSettings(**values)
     return settings if settings.enabled else None
 

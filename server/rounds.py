@@ -24,8 +24,10 @@ def utcnow() -> datetime:
 
 
 # What a client may answer: trained ("ok"), lacks base updates or frozen factors
-# ("resync": the server resends them next time), or chose not to train ("declined").
-CLIENT_STATUSES = frozenset({"ok", "resync", "declined"})
+# ("resync": the server resends them next time), chose not to train ("declined"), or
+# could not ("failed": its node config is invalid, or its round broke; a DP node's
+# failed reply still carries the ε its ledger holds, recorded like any reply's metrics).
+CLIENT_STATUSES = frozenset({"ok", "resync", "declined", "failed"})
 
 
 class InsufficientReplies(RuntimeError):

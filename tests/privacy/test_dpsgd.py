@@ -6,9 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from client.data import collate
 from client.trainer import TrainConfig, batches, sequence_loss, sequence_losses, train
-from privacy.dpsgd import GRAD_SAMPLE_MODES, DPIncompatibleError, DPSGDConfig, OpacusDPSGD, check_dp_compatible
+from privacy.accounting import History, check_history, compose
+from privacy.dpsgd import (
+    GRAD_SAMPLE_MODES,
+    DPIncompatibleError,
+    DPSGDConfig,
+    OpacusDPSGD,
+    check_dp_compatible,
+    poisson_sample_rate,
+)
 from tests.privacy.helpers import adapted, examples, tiny, trainable_vector
 
 MAX_LEN = 48
@@ -192,3 +203,55 @@ def test_dp_sgd_config_names_bad_values():
         with pytest.raises(ValueError, match=needle):
             DPSGDConfig(**{**base, **kwargs})
     assert np.isclose(DPSGDConfig(**base).history_after[0][1], 0.5)
+
+
+# --- the plan's sample rate is the one Opacus accounts ------------------------------------------
+
+
+def _opacus_accounts(num_examples: int, batch_size: int, steps: int) -> History:
+    """What Opacus itself records: make_private on a plain loader of this size, then steps."""
+    from opacus import PrivacyEngine
+
+    model = nn.Linear(1, 1)
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(TensorDataset(torch.zeros(num_examples, 1)), batch_size=batch_size)
+    hooks, optimizer, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True, wrap_model=False)
+    for _ in range(steps):  # noise-only steps: the accountant's hook runs all the same
+        for param in optimizer.params:
+            param.grad_sample = torch.zeros((0, *param.shape))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    hooks.cleanup()
+    return check_history(engine.accountant.history)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_planned_sample_rate_and_steps_are_what_opacus_accounts_for_every_n_to_2000():
+    """int(1 / (1 / m)) is m - 1 for some m (93, 99, ...): planning 1 / ceil(n / b) failed there."""
+    for batch_size in (1, 2, 7):
+        for n in range(1, 2001):
+            planned = compose((), 1.0, poisson_sample_rate(n, batch_size), 2)
+            assert planned == _opacus_accounts(n, batch_size, 2), (n, batch_size)
+
+
+def test_a_round_at_a_float_unlucky_dataset_size_commits_and_samples_at_the_accounted_rate():
+    # 185 examples at batch size 2: 93 batches, where Opacus accounts 1/92 (the issue's 829 is 415 -> 414)
+    data, batch_size = examples(185), 2
+    rate = poisson_sample_rate(len(data), batch_size)
+    assert rate == 1 / 92
+    config = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=rate, steps=2,
+                         noise_seed=0, sampling_seed=0)
+
+    probe, adapter = OpacusDPSGD(config=config), adapted("lora", seed=6)
+    session = probe.attach(model=adapter.model.train(), optimizer=torch.optim.SGD(adapter.trainable_parameters()),
+                           examples=data, tokenizer=tiny().tokenizer, cfg=_cfg(2, batch_size))
+    sampler = session.loader.batch_sampler
+    session.close()
+    assert sampler.sample_rate == rate and len(sampler) == 2  # sampled as accounted, for the planned steps
+
+    reserved: list = []
+    hook = OpacusDPSGD(config=config, on_reserve=reserved.append)
+    train(adapted("lora", seed=6), data, tiny().tokenizer, _cfg(2, batch_size), privacy=hook)
+    assert hook.history == reserved[-1] == ((1.0, 1 / 92, 2),)

@@ -74,6 +74,38 @@ def test_every_config_key_maps_to_a_settings_field_and_a_run_config_field():
     }
 
 
+@pytest.mark.parametrize(
+    "node, needles",
+    [
+        ({"dp-epsion": 2}, ["'dp-epsion' is not a DP setting", "valid: dp-epsilon, dp-delta", "dp-state-dir"]),
+        ({"dp-epsilon": "abc"}, ["node config dp-epsilon: 'abc' is not valid (expected a number)"]),
+        ({"dp-epsilon": True}, ["node config dp-epsilon: True", "boolean"]),
+        ({"dp-central-noise": 1.0}, ["'dp-central-noise'", "run-wide"]),
+        # DP off on the node itself, but the run may switch it on: its knobs are checked now
+        ({"dp-delta": 2}, ["dp-delta must be in (0, 1)", "2"]),
+        ({"dp-accountant": "gdp"}, ["'gdp'", "prv"]),
+    ],
+)
+def test_a_node_config_with_an_unknown_or_unparsable_dp_key_is_refused(node, needles):
+    from privacy.settings import check_node_config
+
+    with pytest.raises(ValueError) as err:
+        check_node_config({"lora-rank": 4, "data-path": "/data.jsonl", **node})
+    for needle in needles:
+        assert needle in str(err.value)
+    if "dp-delta" not in node and "dp-accountant" not in node:  # those two only matter once DP is on
+        with pytest.raises(ValueError):
+            local_dp(RunConfig(dp_epsilon=8.0).to_flower(), node)
+
+
+def test_a_valid_node_config_passes_and_other_keys_are_not_dp_business():
+    from privacy.settings import check_node_config
+
+    check_node_config({"lora-rank": 4, "partition-id": 0, "device": "cpu", "dp-epsilon": 2, "dp-delta": 1e-6,
+                       "dp-accountant": "rdp", "dp-state-dir": "/var/dp"})
+    check_node_config({})
+
+
 def test_dp_off_ignores_the_other_keys():
     assert local_dp(RunConfig(dp_delta=0.0, dp_accountant="anything").to_flower()) is None
 

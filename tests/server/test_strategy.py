@@ -77,6 +77,24 @@ def test_rank_is_learnt_from_the_node_and_out_of_range_is_rejected():
     assert outcome.status == "rejected" and "rank 32" in outcome.reason
 
 
+@pytest.mark.parametrize("status", ["failed", "declined"])
+def test_a_failed_or_declined_reply_is_recorded_with_its_dp_metrics(status):
+    """A DP node that could not train still reports the ε its ledger holds; the row must keep it."""
+    grid = FakeGrid({1: 4})
+    strategy = _strategy(per_round=1, on_insufficient="skip")
+    (msg,) = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    dp = {"dp-epsilon": 7.992, "dp-delta": 1e-5, "dp-steps": 2, "merged-through": 0}
+    content = RecordDict({
+        "metrics": MetricRecord(dp),
+        "status": ConfigRecord({"status": status, "reason": "RuntimeError: broke mid-round", "frozen-hash": ""}),
+        "update": ArrayRecord(),
+    })
+    strategy.aggregate_train(1, [reply_from(1, content, msg)])
+    (outcome,) = strategy.last_report.outcomes
+    assert (outcome.status, outcome.reason) == (status, "RuntimeError: broke mid-round")
+    assert outcome.metrics == dp
+
+
 def test_bad_replies_are_excluded_and_aggregate_equals_honest_only():
     grid = FakeGrid({1: 4, 2: 4, 3: 4, 4: 4})
     rng = np.random.default_rng(3)

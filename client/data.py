@@ -87,15 +87,29 @@ def load_jsonl(path: Path) -> list[Example]:
         raise FileNotFoundError(f"no *.jsonl files in data directory {str(path)!r}")
     examples = []
     for file in files:
-        with file.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
+        # bytes, decoded line by line: a decoding error then names its file and line
+        with file.open("rb") as fh:
+            for i, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"{file}:{i}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                                     f"at column {exc.start + 1})") from None
                 if line.strip():
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"{file}:{i}: invalid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{file}:{i}: expected a JSON object with instruction/output, "
+                                         f"got {_json_kind(row)}")
                     examples.append(_alpaca_row(row, file.name, i))
     return examples
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def load_hf(spec: str) -> list[Example]:

@@ -53,7 +53,6 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume_run_id:
         run, latest = recorder.reopen_run(cfg.resume_run_id)
         run_id = run.id
-        _check_same_run(run.config, flower, run_id)
     else:
         run_id = recorder.start_run(
             config=flower, aggregator=cfg.aggregator, model=cfg.model, tag=cfg.run_tag,
@@ -61,9 +60,17 @@ def main(grid: Grid, context: Context) -> None:
         )
         latest = None
     try:
-        strategy = build_strategy(cfg, recorder, run_id)
+        if cfg.resume_run_id:  # inside the try: a refused resume is recorded, not left "running"
+            _check_same_run(run.config, flower, run_id)
+        restored = None
         if latest is not None:
             restored = checkpoint.load(Path(latest.path), latest.sha256)
+            # `fedlora resume` checks this first; a submission with resume-run-id (or a
+            # row edited since) reaches only this check, before any model is loaded
+            checkpoint.check_resumable(restored, flower, run_id=run_id, path=Path(latest.path),
+                                       source="the submitted run config")
+        strategy = build_strategy(cfg, recorder, run_id)
+        if restored is not None:
             strategy.inner.restore(state=restored.state, merge_log=restored.merge_log, rng_state=restored.rng_state)
             strategy.round_offset = restored.round
             log(INFO, "fedlora: resuming run %d after round %d", run_id, restored.round)
@@ -84,10 +91,8 @@ def _check_same_run(recorded: dict, requested: dict, run_id: int) -> None:
     """A resumed run must be the same experiment: only volatile keys may differ."""
     if checkpoint.config_hash(recorded) == checkpoint.config_hash(requested):
         return
-    keys = sorted(k for k in set(recorded) | set(requested)
-                  if k not in checkpoint.VOLATILE_KEYS and recorded.get(k) != requested.get(k))
-    diffs = ", ".join(f"{k}: {recorded.get(k)!r} -> {requested.get(k)!r}" for k in keys)
-    raise ValueError(f"cannot resume run {run_id} with a different config ({diffs})")
+    raise ValueError(f"cannot resume run {run_id} with a different config "
+                     f"({checkpoint.describe_differences(recorded, requested)})")
 
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder, run_id: int) -> RecordingStrategy:

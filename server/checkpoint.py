@@ -8,6 +8,12 @@ round's rows. A crash between the two leaves an unreferenced file that the redon
 round overwrites; the database only ever points at complete checkpoints, and the
 file's sha256 is checked on load.
 
+Each run writes into its own directory under the checkpoint root, named by the run's
+id *and* its uuid: every database numbers its runs from 1, so two databases sharing a
+root (the default one, ``<cwd>/runs/checkpoints``) would otherwise write the same
+files. A pruned checkpoint is deleted only while it still holds the bytes its run
+recorded, so pruning never deletes a file that another run has since written.
+
 What is deliberately *not* saved: what the server believes each node holds. After a
 restart the nodes are new processes (and Flower gives them new ids), so every node
 is asked again and sent the whole base-update log.
@@ -19,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +58,48 @@ class Checkpoint:
         return config_hash(self.config)
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names its path.
+
+    A ValueError, like every other refusal of bad input: the CLI prints it as one line.
+    """
 
 
-def save(checkpoint: Checkpoint, directory: Path, run_id: int) -> tuple[Path, str]:
-    """Write atomically; returns (path, sha256)."""
+def config_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """The keys (volatile ones aside) on which two run configs differ, sorted."""
+    return sorted(k for k in set(recorded) | set(requested)
+                  if k not in VOLATILE_KEYS and recorded.get(k) != requested.get(k))
+
+
+def describe_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> str:
+    """'key: old -> new, ...' for every key of ``config_differences``."""
+    return ", ".join(f"{k}: {recorded.get(k)!r} -> {requested.get(k)!r}"
+                     for k in config_differences(recorded, requested))
+
+
+def check_resumable(checkpoint: Checkpoint, config: dict[str, Any], *, run_id: int, path: Path, source: str) -> None:
+    """Refuse to continue a checkpoint under a config other than the one it was written with.
+
+    The rounds so far ran with the checkpoint's config; continuing under another (an
+    edited ``runs`` row, another submission) would record one run that is two, or
+    crash after clients have trained (another aggregator's state).
+    """
+    if config_hash(config) == checkpoint.config_hash:
+        return
+    raise ValueError(
+        f"cannot resume run {run_id}: {source} differs from the config that checkpoint {path} "
+        f"(round {checkpoint.round}) was written with ({describe_differences(checkpoint.config, config)})"
+    )
+
+
+def run_directory(root: Path, *, run_id: int, run_uuid: str | None) -> Path:
+    """Where a run's checkpoints live under ``root`` (see the module docstring)."""
+    # runs recorded before the uuid existed keep the directory they already wrote to
+    return root / (f"run-{run_id}-{run_uuid}" if run_uuid else f"run-{run_id}")
+
+
+def save(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str]:
+    """Write atomically into ``directory`` (a ``run_directory``); returns (path, sha256)."""
     arrays: dict[str, np.ndarray] = {}
     header = {
         "format": 1,
@@ -74,7 +117,6 @@ def save(checkpoint: Checkpoint, directory: Path, run_id: int) -> tuple[Path, st
     np.savez(buffer, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
              **{short: arrays[key] for short, key in names.items()})
     data = buffer.getvalue()
-    directory = directory / f"run-{run_id}"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"round-{checkpoint.round:05d}.npz"
     tmp = path.with_suffix(".npz.tmp")
@@ -93,14 +135,36 @@ def load(path: Path, sha256: str | None = None) -> Checkpoint:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 (corrupt or replaced)")
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        header = json.loads(bytes(npz["__header__"]).decode())
-        arrays = {key: npz[short] for short, key in header["arrays"].items()}
-    return Checkpoint(
-        round=int(header["round"]),
-        aggregator=header["aggregator"],
-        state=from_tree(header["state"], arrays),
-        merge_log=[(int(r), from_tree(t, arrays)) for r, t in header["merge_log"]],
-        rng_state=header["rng_state"],
-        config=header["config"],
-    )
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            header = json.loads(bytes(npz["__header__"]).decode())
+            arrays = {key: npz[short] for short, key in header["arrays"].items()}
+        return Checkpoint(
+            round=int(header["round"]),
+            aggregator=header["aggregator"],
+            state=from_tree(header["state"], arrays),
+            merge_log=[(int(r), from_tree(t, arrays)) for r, t in header["merge_log"]],
+            rng_state=header["rng_state"],
+            config=header["config"],
+        )
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        # only reachable without a recorded sha256, or for a file written by another version
+        raise CheckpointError(f"checkpoint {path} is not a readable fedlora checkpoint "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def discard(path: Path, sha256: str) -> bool:
+    """Delete a pruned checkpoint, unless it no longer holds the bytes its run recorded.
+
+    A file with other bytes was rewritten by another run (e.g. one recorded in another
+    database before run directories were keyed by uuid): it is that run's, so it stays.
+    Returns whether the file was deleted.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return False
+    path.unlink(missing_ok=True)
+    return True

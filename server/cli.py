@@ -28,10 +28,11 @@ from sqlalchemy.orm import Session
 
 import aggregation
 from server.config import RunConfig, default_db_url
-from server.db.models import Evaluation, RoundRecord, Run
+from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
 from server.db.session import DatabaseError, masked, open_database
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXIT_CLIENT_FAILURES = 3  # the run completed, but some sampled client failed or was rejected
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -79,8 +80,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
+    if args.num_clients < 1:
+        raise ValueError(f"--num-clients must be >= 1, got {args.num_clients}")
+    # More per round than there are clients: each round samples all of them. Say so, and
+    # record (and print in the header) the number that really trains.
+    per_round = min(args.clients_per_round, args.num_clients)
+    if per_round < args.clients_per_round:
+        console.print(f"[yellow]--clients-per-round {args.clients_per_round} > --num-clients {args.num_clients}: "
+                      f"{per_round} clients per round[/]")
     cfg = RunConfig(
-        aggregator=args.aggregator, num_server_rounds=args.rounds, clients_per_round=args.clients_per_round,
+        aggregator=args.aggregator, num_server_rounds=args.rounds, clients_per_round=per_round,
         min_clients=args.min_clients, ranks=args.ranks, max_rank=args.max_rank, lora_alpha=args.alpha,
         target_modules=args.target_modules, learning_rate=args.lr, local_steps=args.local_steps,
         batch_size=args.batch_size, max_seq_len=args.max_seq_len, model=args.model, data=_abs_if_path(args.data),
@@ -95,8 +104,6 @@ def simulate(args: argparse.Namespace) -> int:
         dp_state_dir=str(Path(args.dp_state_dir).expanduser().resolve()) if args.dp_state_dir else "",
         dp_central_clip=args.dp_central_clip, dp_central_noise=args.dp_central_noise,
     )
-    if args.num_clients < 1:
-        raise ValueError(f"--num-clients must be >= 1, got {args.num_clients}")
     engine = preflight(cfg, args.num_clients)
     gpus = args.gpus_per_client if args.gpus_per_client is not None else _default_gpus()
     federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client,
@@ -127,7 +134,15 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
         if run is not None:
             console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
         raise
-    elapsed = time.monotonic() - started
+    return summarize(engine, cfg, run, elapsed=time.monotonic() - started, log_path=log_path)
+
+
+def summarize(engine: Engine, cfg: RunConfig, run: Run | None, *, elapsed: float, log_path: Path) -> int:
+    """The closing lines and exit status of a simulation, from what the database holds.
+
+    0 only when the run completed and every sampled client trained or declined;
+    EXIT_CLIENT_FAILURES when it completed over failed or rejected clients; 1 otherwise.
+    """
     if run is not None and run.status == "running":
         run = mark_interrupted(engine, cfg.run_tag, "the coordinator process ended before the run finished")
     if run is None or run.status != "completed":
@@ -138,9 +153,18 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
         console.print(f"Flower log: {log_path}")
         _tail(log_path)
         return 1
-    console.print(f"\n[green]done[/] in {elapsed:.0f} s. run id {run.id} (Flower run {run.flwr_run_id})")
+    failures = failed_clients(engine, run.id)
+    if failures:
+        # every round finished, but some sampled node did not train what it was sent: not "done"
+        console.print(f"\n[red]completed with {failures} failed client "
+                      f"{'reply' if failures == 1 else 'replies'}[/] in {elapsed:.0f} s (listed under their "
+                      f"rounds above). run id {run.id} (Flower run {run.flwr_run_id})")
+    else:
+        console.print(f"\n[green]done[/] in {elapsed:.0f} s. run id {run.id} (Flower run {run.flwr_run_id})")
     console.print(f"  database: {masked(cfg.database_url)}")
-    console.print(f"  checkpoints: {cfg.checkpoint_path / f'run-{run.id}'}")
+    from server.recording import RunRecorder  # the run's directory is keyed by its uuid, held in the DB
+
+    console.print(f"  checkpoints: {RunRecorder(engine).checkpoint_directory(run.id, cfg.checkpoint_path)}")
     console.print(f"  Flower log: {log_path}")
     console.print(f"  list runs: fedlora runs --db '{masked(cfg.database_url)}'")
     from privacy.report import max_epsilon
@@ -149,13 +173,16 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
     if dp_summary is not None:  # some client ran DP-SGD
         console.print(f"  DP: max ε across clients {dp_summary.epsilon:.4g} at δ = {dp_summary.delta:g} "
                       f"({dp_summary.clients} clients)")
-    return 0
+    return EXIT_CLIENT_FAILURES if failures else 0
 
 
 def resume(args: argparse.Namespace) -> int:
     """Continue a run from its last checkpoint, on the simulation engine, same config."""
+    from server import checkpoint as ckpt
+    from server.recording import latest_checkpoint_row
+
     url = args.db or default_db_url()
-    engine = open_database(url)
+    engine = open_database(url, create=False)  # the run must be there: a mistyped path is not a new DB
     with Session(engine) as session:
         run = session.get(Run, args.run_id)
         if run is None:
@@ -168,6 +195,12 @@ def resume(args: argparse.Namespace) -> int:
                 "if its coordinator died without recording it (SIGKILL, power loss), resume with --force"
             )
         config = dict(run.config)
+        latest = latest_checkpoint_row(session, args.run_id)
+    if latest is not None:
+        # the rounds so far ran with the checkpoint's config: an edited row must not continue
+        # them under another one, and is refused before anything starts (the ServerApp checks again)
+        ckpt.check_resumable(ckpt.load(Path(latest.path), latest.sha256), config, run_id=args.run_id,
+                             path=Path(latest.path), source=f"its config in {masked(url)}")
     config.update({"resume-run-id": args.run_id, "db-url": url})
     cfg = RunConfig.from_flower(config)
     nodes = cfg.simulation_nodes
@@ -225,7 +258,7 @@ def follow(engine: Engine, tag: str, process, rounds: int) -> Run | None:
                         console.print(f"{'round':>7} {'clients':>8} {'train loss':>11} {'eval loss':>10} "
                                       f"{'eval ppl':>9} {'rel.err':>8} {'MB down':>8} {'MB up':>7} {'sec':>6}")
                         header = True
-                    console.print(row)
+                    console.print(row, markup=False)  # a node's reason may hold [brackets]
                     printed += 1
                     last = time.monotonic()
                 session.expunge_all()
@@ -238,22 +271,44 @@ def follow(engine: Engine, tag: str, process, rounds: int) -> Run | None:
 
 
 def round_rows(session: Session, run_id: int) -> list[str]:
+    """One line per recorded round, then one line per client that did not train ("ok")."""
     rounds = session.scalars(select(RoundRecord).where(RoundRecord.run_id == run_id).order_by(RoundRecord.number)).all()
     evals = {e.round_number: e for e in session.scalars(select(Evaluation).where(Evaluation.run_id == run_id))}
+    not_ok: dict[int, list[ClientUpdateRecord]] = {}
+    for c in session.scalars(select(ClientUpdateRecord).where(ClientUpdateRecord.run_id == run_id,
+                                                              ClientUpdateRecord.status != "ok")
+                             .order_by(ClientUpdateRecord.id)):
+        not_ok.setdefault(c.round_id, []).append(c)
     rows = []
     for r in rounds:
         ev = evals.get(r.number)
-        rows.append(
+        row = (
             f"{r.number:>7} {f'{r.num_aggregated}/{r.num_sampled}':>8} {_fmt(r.train_loss):>11} "
             f"{_fmt(ev.loss if ev else None):>10} {_fmt(ev.perplexity if ev else None, 2):>9} "
             f"{_fmt(r.relative_error, 3):>8} {r.bytes_down / 1e6:>8.2f} {r.bytes_up / 1e6:>7.2f} "
             f"{(r.finished_at - r.started_at).total_seconds():>6.1f}"
         )
+        for c in not_ok.get(r.id, []):
+            reason = " ".join((c.reason or "no reason given").split())  # one line, whatever the node sent
+            row += f"\n{'':>9}node {c.node_id} (rank {c.rank if c.rank is not None else '?'}): {c.status}: {reason}"
+        rows.append(row)
     return rows
 
 
+#: client statuses that mean a sampled node did not do what it was asked: the run's
+#: record holds them, and ``simulate`` must not report a clean success over them
+FAILED_STATUSES = ("failed", "rejected")
+
+
+def failed_clients(engine: Engine, run_id: int) -> int:
+    with Session(engine) as session:
+        rows = session.scalars(select(ClientUpdateRecord.id).where(
+            ClientUpdateRecord.run_id == run_id, ClientUpdateRecord.status.in_(FAILED_STATUSES))).all()
+    return len(rows)
+
+
 def runs(args: argparse.Namespace) -> int:
-    engine = open_database(args.db or default_db_url())
+    engine = open_database(args.db or default_db_url(), create=False, write=False)  # a typo is not a new DB
     table = Table(title=f"runs in {masked(args.db or default_db_url())}")
     for col in ("id", "aggregator", "model", "status", "rounds", "final eval ppl", "started"):
         table.add_column(col)

@@ -14,7 +14,9 @@ all read from the run's last checkpoint. Three ways out:
 * ``--merged``: the base model with everything folded in, saved with
   ``save_pretrained`` (no approximation).
 
-``PeftModel.from_pretrained(base, DIR)`` loads the adapter.
+``PeftModel.from_pretrained(base, DIR)`` loads the adapter. The output directory must
+be empty or new: files already there are kept unless ``--force`` lets the export write
+over them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import aggregation
@@ -39,8 +40,9 @@ from client.model import fold_into_base, target_modules
 from client.presets import load_base
 from server import checkpoint as ckpt
 from server.config import default_db_url
-from server.db.models import CheckpointRecord, Run
+from server.db.models import Run
 from server.db.session import open_database
+from server.recording import latest_checkpoint_row
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,11 @@ class ExportResult:
 
 
 def latest_checkpoint(db_url: str, run_id: int) -> tuple[Run, ckpt.Checkpoint]:
-    with Session(open_database(db_url)) as session:
+    with Session(open_database(db_url, create=False, write=False)) as session:
         run = session.get(Run, run_id)
         if run is None:
             raise ValueError(f"run {run_id} is not in the database")
-        row = session.scalars(select(CheckpointRecord).where(CheckpointRecord.run_id == run_id)
-                              .order_by(CheckpointRecord.round_number.desc())).first()
+        row = latest_checkpoint_row(session, run_id)
         if row is None:
             raise ValueError(f"run {run_id} has no checkpoint yet (no round finished)")
         session.expunge(run)
@@ -127,7 +128,18 @@ def write_peft_adapter(base_model: torch.nn.Module, factors: Tensors, targets: t
     return rank
 
 
-def export_run(db_url: str, run_id: int, out: Path, *, rank: int | None = None, merged: bool = False) -> ExportResult:
+def check_output_directory(out: Path, *, force: bool) -> None:
+    """Refuse (before anything is loaded) to write into a file or a non-empty directory unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; choose a new or empty directory, "
+                         "or pass --force to write over the files there")
+
+
+def export_run(db_url: str, run_id: int, out: Path, *, rank: int | None = None, merged: bool = False,
+               force: bool = False) -> ExportResult:
+    check_output_directory(out, force=force)
     run, checkpoint = latest_checkpoint(db_url, run_id)
     config = checkpoint.config
     base = load_base(str(config["model"]))
@@ -159,12 +171,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default=None)
     p.add_argument("--rank", type=int, default=None, help="truncate by SVD to this rank (default: exact)")
     p.add_argument("--merged", action="store_true", help="save the base model with the update folded in")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files are replaced)")
 
 
 def export_command(args: argparse.Namespace) -> int:
     from server.cli import console
 
-    result = export_run(args.db or default_db_url(), args.run_id, args.out, rank=args.rank, merged=args.merged)
+    result = export_run(args.db or default_db_url(), args.run_id, args.out, rank=args.rank, merged=args.merged,
+                        force=args.force)
     if result.kind == "merged":
         console.print(f"merged model written to {result.path}")
     else:

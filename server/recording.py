@@ -10,6 +10,7 @@ client and the evaluation in a single transaction before the next round starts.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,22 @@ class SavedCheckpoint:
     config_hash: str
 
 
+@dataclass(frozen=True)
+class PrunedCheckpoint:
+    """A checkpoint whose row is gone: its file may go once the commit is done."""
+
+    path: Path
+    sha256: str  # what the run wrote; ``checkpoint.discard`` keeps a file that differs
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def latest_checkpoint_row(session: Session, run_id: int) -> CheckpointRecord | None:
+    """The run's checkpoint of its highest round, the one a resume or an export starts from."""
+    return session.scalars(select(CheckpointRecord).where(CheckpointRecord.run_id == run_id)
+                           .order_by(CheckpointRecord.round_number.desc())).first()
 
 
 class RunRecorder:
@@ -52,6 +67,7 @@ class RunRecorder:
     def start_run(self, *, config: dict[str, Any], aggregator: str, model: str, tag: str, flwr_run_id: int | None) -> int:
         with Session(self.engine) as session, session.begin():
             run = Run(
+                uuid=uuid.uuid4().hex,
                 flwr_run_id=None if flwr_run_id is None else str(flwr_run_id),
                 tag=tag or None,
                 aggregator=aggregator,
@@ -65,14 +81,21 @@ class RunRecorder:
             session.flush()
             return run.id
 
+    def checkpoint_directory(self, run_id: int, root: Path) -> Path:
+        """The directory under ``root`` that this run's checkpoints are written to."""
+        with Session(self.engine) as session:
+            run_uuid = session.scalar(select(Run.uuid).where(Run.id == run_id))
+        return ckpt.run_directory(root, run_id=run_id, run_uuid=run_uuid)
+
     def record_round(
         self, run_id: int, report: RoundReport, evaluation: TimedEval | None,
         checkpoint: SavedCheckpoint | None = None, keep: int = 0,
-    ) -> list[Path]:
+    ) -> list[PrunedCheckpoint]:
         """One transaction: the round, its client rows, evaluation and checkpoint reference.
 
-        Returns checkpoint files that fell out of the last ``keep`` and may be deleted
-        (only after this commit, so the database never points at a missing file).
+        Returns checkpoints that fell out of the last ``keep`` and may be deleted (only
+        after this commit, so the database never points at a missing file). A file
+        that any remaining row of this database still references is not returned.
         """
         with Session(self.engine) as session, session.begin():
             row = RoundRecord(
@@ -104,7 +127,7 @@ class RunRecorder:
             if evaluation is not None:
                 session.add(self._evaluation(run_id, report.number, evaluation))
             session.execute(update(Run).where(Run.id == run_id).values(updated_at=utcnow()))
-            stale: list[Path] = []
+            stale: list[PrunedCheckpoint] = []
             if checkpoint is not None:
                 session.add(CheckpointRecord(
                     run_id=run_id, round_number=report.number, path=str(checkpoint.path),
@@ -114,8 +137,12 @@ class RunRecorder:
                 rows = session.scalars(select(CheckpointRecord).where(CheckpointRecord.run_id == run_id)
                                        .order_by(CheckpointRecord.round_number.desc())).all()
                 for old in rows[keep:] if keep else []:
-                    stale.append(Path(old.path))
+                    stale.append(PrunedCheckpoint(path=Path(old.path), sha256=old.sha256))
                     session.delete(old)
+                if stale:  # a file that another row of this database points at stays
+                    referenced = set(session.scalars(select(CheckpointRecord.path).where(
+                        CheckpointRecord.path.in_([str(p.path) for p in stale]))))
+                    stale = [p for p in stale if str(p.path) not in referenced]
         return stale
 
     def record_evaluation(self, run_id: int, round_number: int, evaluation: TimedEval) -> None:
@@ -145,8 +172,7 @@ class RunRecorder:
                 raise ValueError(f"resume-run-id {run_id}: no such run in the database")
             if run.status == "completed":
                 raise ValueError(f"run {run_id} already completed; nothing to resume")
-            latest = session.scalars(select(CheckpointRecord).where(CheckpointRecord.run_id == run_id)
-                                     .order_by(CheckpointRecord.round_number.desc())).first()
+            latest = latest_checkpoint_row(session, run_id)
             run.status, run.error, run.finished_at, run.updated_at = "running", None, None, utcnow()
             session.expunge_all()
             return run, latest
@@ -206,8 +232,8 @@ class RecordingStrategy(Strategy):
             assert report is not None and report.number == number
             saved = self._save_checkpoint(number)
             stale = self.recorder.record_round(self.run_id, report, evaluation, saved, keep=self.keep_checkpoints)
-            for path in stale:
-                path.unlink(missing_ok=True)
+            for pruned in stale:
+                ckpt.discard(pruned.path, pruned.sha256)
         if evaluation is None:
             return None
         return MetricRecord({"eval-loss": evaluation.result.loss, "eval-perplexity": evaluation.result.perplexity})
@@ -217,7 +243,7 @@ class RecordingStrategy(Strategy):
             round=number, aggregator=self.config.get("aggregator", ""), state=self.inner.state,
             merge_log=self.inner.merge_log, rng_state=self.inner.rng.bit_generator.state, config=self.config,
         )
-        path, sha = ckpt.save(checkpoint, self.checkpoint_dir, self.run_id)
+        path, sha = ckpt.save(checkpoint, self.recorder.checkpoint_directory(self.run_id, self.checkpoint_dir))
         return SavedCheckpoint(path=path, sha256=sha, config_hash=checkpoint.config_hash)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,

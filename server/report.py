@@ -183,7 +183,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:48
 
 
 def build_report(db_url: str, run_ids: list[int], out: Path) -> tuple[list[RunSeries], Path]:
-    with Session(open_database(db_url)) as session:
+    with Session(open_database(db_url, create=False, write=False)) as session:  # a typo is not a new DB
         series = [load_series(session, run_id) for run_id in run_ids]
     plots = make_plots(series, out)
     return series, write_html(series, plots, out)

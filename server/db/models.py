@@ -21,6 +21,9 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Unique beyond this database (ids restart at 1 in every one): names the run's
+    # checkpoint directory. NULL for runs recorded before schema version 3.
+    uuid: Mapped[str | None] = mapped_column(String(32), index=True, unique=True)
     flwr_run_id: Mapped[str | None] = mapped_column(String(20))
     tag: Mapped[str | None] = mapped_column(String(64), index=True)
     aggregator: Mapped[str] = mapped_column(String(64))

@@ -1,9 +1,13 @@
 """Engines and schema upgrades.
 
 ``open_database(url)`` connects at once (so a bad URL fails before any client trains,
-naming the URL with its password masked) and brings the schema up to date. Upgrades
-are ordered steps recorded in ``schema_version``; each runs in its own transaction, so
-an existing database is upgraded in place and never half-migrated.
+naming the URL with its password masked), brings the schema up to date and, for the
+processes that record runs, proves that a write goes through (in a transaction it
+rolls back), so a read-only database is refused before a SuperLink starts. Readers
+(``runs``, ``report``, ``export``) pass ``create=False``: a mistyped SQLite path is
+refused instead of becoming a new, empty database. Upgrades are ordered steps recorded
+in ``schema_version``; each runs in its own transaction, so an existing database is
+upgraded in place and never half-migrated.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from sqlalchemy import Connection, Engine, create_engine, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from server.db.models import Base, CheckpointRecord, SchemaVersion
+from server.db.models import Base, CheckpointRecord, Run, SchemaVersion
 
 
 class DatabaseError(RuntimeError):
@@ -38,8 +43,20 @@ def _v2_checkpoints(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE runs ADD COLUMN updated_at TIMESTAMP"))
 
 
+def _v3_run_uuid(conn: Connection) -> None:
+    # Existing runs keep uuid NULL, and with it their checkpoint directory (run-<id>).
+    columns = {c["name"] for c in inspect(conn).get_columns("runs")}
+    if "uuid" not in columns:
+        conn.execute(text("ALTER TABLE runs ADD COLUMN uuid VARCHAR(32)"))
+    for index in Run.__table__.indexes:  # the same unique index a new database gets
+        if index.columns.keys() == ["uuid"]:
+            index.create(conn, checkfirst=True)
+
+
 # (version, step). Append new steps; never edit a released one.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1_initial), (2, _v2_checkpoints)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _v1_initial), (2, _v2_checkpoints), (3, _v3_run_uuid),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -72,14 +89,34 @@ def masked(url: str) -> str:
         return url
 
 
-def open_database(url: str) -> Engine:
-    """Connect, create the SQLite directory if needed, and upgrade the schema."""
+def _sqlite_file(url: URL) -> Path | None:
+    """The file behind a SQLite URL (plain path or ``file:`` URI); None for memory or other backends."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    database = url.database
+    if str(url.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+        database = unquote(urlparse(database).path)
+        if url.query.get("mode") == "memory" or database in ("", ":memory:"):
+            return None
+    return Path(database).expanduser()
+
+
+def open_database(url: str, *, create: bool = True, write: bool = True) -> Engine:
+    """Connect and upgrade the schema.
+
+    ``create``: a missing SQLite file (and its directory) is created, as a new run
+    needs; readers pass False so a mistyped path is refused, naming it. ``write``: the
+    caller will record, so a write is tried now and rolled back; readers pass False.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise DatabaseError(f"invalid database URL {url!r}") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(parsed)
+    if path is not None and not path.exists():
+        if not create:
+            raise DatabaseError(f"database {masked(url)} does not exist: no file {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
         kwargs = {"pool_pre_ping": True}
         if parsed.get_backend_name() == "postgresql":
@@ -87,9 +124,29 @@ def open_database(url: str) -> Engine:
         engine = create_engine(url, **kwargs)
         upgrade(engine)
     except (SQLAlchemyError, ModuleNotFoundError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise DatabaseError(f"cannot use database {masked(url)}: {reason}") from None
+        raise DatabaseError(f"cannot use database {masked(url)}: {_first_line(exc)}") from None
+    if write:
+        try:
+            _probe_write(engine)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot write to database {masked(url)}: {_first_line(exc)}") from None
     return engine
+
+
+def _probe_write(engine: Engine) -> None:
+    # An up-to-date schema is only ever read while opening, so a read-only file (or a
+    # role without INSERT) would pass and fail at the first round, after a SuperLink
+    # has started. Version 0 is never a real version; the row is rolled back.
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            conn.execute(SchemaVersion.__table__.insert().values(version=0, applied_at=datetime.now(UTC)))
+        finally:
+            transaction.rollback()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
 
 
 def current_version(conn: Connection) -> int:

@@ -69,3 +69,26 @@ def test_jsonl_loading_and_errors(tmp_path):
 def test_packaged_chatterbot_has_topics():
     ex = load_examples("chatterbot")
     assert len(ex) > 2000 and len({e.category for e in ex}) == 21
+
+
+@pytest.mark.parametrize("line, kind", [("[1, 2, 3]", "an array"), ('"just text"', "a string"), ("null", "null"),
+                                        ("42", "a number")])
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, line, kind):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"rows.jsonl:2: expected a JSON object.*got {kind}"):
+        load_examples(str(path))
+
+
+def test_a_non_utf8_jsonl_file_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"instruction": "q", "output": "a"}).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + '{"instruction": "caf\u00e9", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:3: not UTF-8 text \(byte 0xe9 at column 21\)"):
+        load_examples(str(path))
+
+
+def test_crlf_jsonl_still_loads(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"instruction": "q", "output": "a"}\r\n\r\n{"instruction": "r", "output": "b"}\r\n')
+    assert [e.response for e in load_examples(str(path))] == ["a", "b"]

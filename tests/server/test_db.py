@@ -123,3 +123,72 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(tmp_path):
     with upgraded.connect() as c:
         assert c.execute(text("select max(version) from schema_version")).scalar() == SCHEMA_VERSION
         assert c.execute(text("select count(*) from checkpoints")).scalar() == 0
+
+
+V2_RUNS_EXTRA = "ALTER TABLE runs ADD COLUMN updated_at TIMESTAMP"
+V2_CHECKPOINTS = """CREATE TABLE checkpoints (id INTEGER PRIMARY KEY, run_id INTEGER REFERENCES runs(id),
+round_number INTEGER, path TEXT, sha256 VARCHAR(64), config_hash VARCHAR(16), created_at DATETIME,
+UNIQUE (run_id, round_number))"""
+
+
+def test_a_version_2_database_gets_run_uuids_in_place_and_old_runs_keep_their_directory(tmp_path):
+    url = f"sqlite:///{tmp_path}/v2.db"
+    with create_engine(url).begin() as c:  # what version 2 created, with a run in it
+        c.execute(text(V1_RUNS))
+        c.execute(text(V2_RUNS_EXTRA))
+        c.execute(text(V2_CHECKPOINTS))
+        c.execute(text("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME)"))
+        c.execute(text("INSERT INTO schema_version VALUES (1, '2026-01-01'), (2, '2026-01-02')"))
+        c.execute(text("INSERT INTO runs (id, aggregator, model, config, status, started_at) "
+                       "VALUES (1, 'fedavg', 'tiny', '{}', 'interrupted', '2026-01-01')"))
+    recorder = RunRecorder(open_database(url))
+    new = recorder.start_run(config={}, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)
+    with Session(open_database(url)) as s:
+        old_run, new_run = s.get(Run, 1), s.get(Run, new)
+        assert old_run.uuid is None and old_run.status == "interrupted"
+        assert len(new_run.uuid) == 32
+    assert recorder.checkpoint_directory(1, tmp_path) == tmp_path / "run-1"  # where it already wrote
+    assert recorder.checkpoint_directory(new, tmp_path) == tmp_path / f"run-{new}-{new_run.uuid}"
+    assert upgrade(create_engine(url)) == SCHEMA_VERSION  # idempotent
+    with create_engine(url).begin() as c:  # uuids are unique, as on a new database
+        c.execute(text("UPDATE runs SET uuid = 'x' WHERE id = 1"))
+        with pytest.raises(Exception, match="UNIQUE"):
+            c.execute(text(f"UPDATE runs SET uuid = 'x' WHERE id = {new}"))
+
+
+def test_readers_refuse_a_sqlite_file_that_does_not_exist(tmp_path):
+    # `runs` / `report` / `export` on a typo must not leave a directory and an empty database
+    url = f"sqlite:///{tmp_path}/typo/fedlora.db"
+    with pytest.raises(DatabaseError, match=f"does not exist.*{tmp_path}/typo/fedlora.db"):
+        open_database(url, create=False, write=False)
+    assert not (tmp_path / "typo").exists()
+    open_database(url)  # the default (simulate, coordinator, ServerApp) still creates one
+    open_database(url, create=False, write=False)
+
+
+def test_a_read_only_database_is_refused_for_writing_and_the_probe_leaves_nothing(tmp_path):
+    path = tmp_path / "ro.db"
+    open_database(f"sqlite:///{path}")  # an up-to-date schema: opening it writes nothing
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"  # chmod would not stop root
+    with pytest.raises(DatabaseError, match=f"cannot write to database.*{path}.*readonly"):
+        open_database(read_only)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("file:")]
+    open_database(read_only, create=False, write=False)  # reading it is fine
+    with create_engine(f"sqlite:///{path}").connect() as c:
+        assert c.execute(text("select min(version) from schema_version")).scalar() == 1  # probe rolled back
+
+
+def test_postgresql_gets_the_run_uuid_column_in_place(postgres_url):
+    engine = open_database(postgres_url)
+    with engine.begin() as c:  # back to version 2: no uuid column, a run without one
+        c.execute(text("ALTER TABLE runs DROP COLUMN uuid"))
+        c.execute(text("DELETE FROM schema_version WHERE version = 3"))
+        c.execute(text("INSERT INTO runs (aggregator, model, config, status, started_at) "
+                       "VALUES ('fedavg', 'tiny', '{}', 'completed', now())"))
+    engine.dispose()
+    upgraded = open_database(postgres_url)
+    with Session(upgraded) as s:
+        (run,) = s.scalars(select(Run)).all()
+        assert run.uuid is None
+    assert RunRecorder(upgraded).start_run(config={}, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)
+    upgraded.dispose()

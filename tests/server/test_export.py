@@ -34,7 +34,7 @@ def _run_with_checkpoint(tmp_path, base, aggregator: str, state, merge_log):
     run_id = recorder.start_run(config=config, aggregator=aggregator, model="tiny", tag="", flwr_run_id=None)
     c = ckpt.Checkpoint(round=len(merge_log) or 1, aggregator=aggregator, state=state, merge_log=merge_log,
                         rng_state=np.random.default_rng(0).bit_generator.state, config=config)
-    path, sha = ckpt.save(c, tmp_path / "ckpt", run_id)
+    path, sha = ckpt.save(c, recorder.checkpoint_directory(run_id, tmp_path / "ckpt"))
     from datetime import datetime
 
     report = RoundReport(number=c.round, started_at=datetime.now(), finished_at=datetime.now(), outcomes=(),
@@ -95,6 +95,54 @@ def test_flora_svd_export_reports_its_true_error(tmp_path, base, capsys):
     torch.testing.assert_close(_logits(reloaded), _logits(platform_model(base.model, c)), atol=1e-4, rtol=1e-4)
 
 
-def test_export_of_unknown_run_names_it(tmp_path):
+def test_export_of_unknown_run_names_it(tmp_path, capsys):
     db = f"sqlite:///{tmp_path}/empty.db"
+    open_database(db)
     assert main(["export", "42", "--out", str(tmp_path / "o"), "--db", db]) == 2
+    assert "run 42" in capsys.readouterr().out
+
+
+def _fedavg_run(tmp_path, base):
+    spec = ModelSpec(modules=module_shapes(base.model, TARGETS), max_rank=4, seed=0)
+    agg = aggregation.create("fedavg")
+    rng = np.random.default_rng(0)
+    state = agg.init_state(spec)
+    state = type(state)(factors={m: {"A": rng.normal(size=f["A"].shape), "B": rng.normal(size=f["B"].shape)}
+                                 for m, f in state.factors.items()}, max_rank=4)
+    return _run_with_checkpoint(tmp_path, base, "fedavg", state, [])
+
+
+def test_export_refuses_a_non_empty_directory_unless_forced(tmp_path, base, capsys):
+    db, run_id, _ = _fedavg_run(tmp_path, base)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export", str(run_id), "--out", str(out), "--db", db]) == 2
+    message = capsys.readouterr().out
+    assert str(out) in message.replace("\n", "") and "--force" in message
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing written, nothing replaced
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", str(run_id), "--out", str(tmp_path / "a-file"), "--db", db]) == 2
+    assert main(["export", str(run_id), "--out", str(out), "--db", db, "--force"]) == 0
+    assert (out / "adapter_config.json").exists() and (out / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(run_id), "--out", str(empty), "--db", db]) == 0
+
+
+def test_a_corrupt_checkpoint_is_one_line_from_export(tmp_path, base, capsys):
+    db, run_id, _ = _fedavg_run(tmp_path, base)
+    (path,) = (tmp_path / "ckpt").rglob("*.npz")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main(["export", str(run_id), "--out", str(tmp_path / "o"), "--db", db]) == 2
+    out = capsys.readouterr().out
+    assert "sha256" in out and path.name in out and "Traceback" not in out
+
+
+def test_export_refuses_a_database_that_does_not_exist(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path}/typo/runs.db"
+    assert main(["export", "1", "--out", str(tmp_path / "o"), "--db", db]) == 2
+    assert "does not exist" in capsys.readouterr().out
+    assert not (tmp_path / "typo").exists()

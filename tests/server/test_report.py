@@ -45,5 +45,16 @@ def test_report_writes_plots_and_html_with_every_round(tmp_path, capsys):
 
 
 def test_report_of_missing_run_names_it(tmp_path, capsys):
-    assert main(["report", "9", "--out", str(tmp_path / "x"), "--db", f"sqlite:///{tmp_path}/e.db"]) == 2
+    db = f"sqlite:///{tmp_path}/e.db"
+    open_database(db)
+    assert main(["report", "9", "--out", str(tmp_path / "x"), "--db", db]) == 2
     assert "run 9" in capsys.readouterr().out
+
+
+def test_report_refuses_a_database_that_does_not_exist(tmp_path, capsys):
+    # a mistyped path used to leave a new directory and an empty database behind
+    db = f"sqlite:///{tmp_path}/typo/r.db"
+    assert main(["report", "1", "--out", str(tmp_path / "x"), "--db", db]) == 2
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "does not exist" in out and f"{tmp_path}/typo/r.db" in out
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "x").exists()

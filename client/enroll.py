@@ -1,15 +1,18 @@
 """Client machines: ``fedlora client keygen | enroll | start | demo-data``.
 
   keygen     the node's key pair (EC P-384, OpenSSH format: what flower-supernode loads)
-  enroll     keygen if needed, then register the public key with the coordinator under
-             a name (Flower's ``flwr supernode register``); the SuperLink rejects any
-             node whose key is not registered
+  enroll     keygen if needed, then redeem a one-time token from the coordinator's
+             operator (``fedlora coordinator invite``) for the public key, through the
+             coordinator's public port; the SuperLink rejects any node whose key is not
+             enrolled (the operator may also enroll a node.pub directly:
+             ``fedlora coordinator register``)
   start      Flower's own flower-supernode with the node's key, the coordinator's CA and
              its node_config (LoRA rank, local data file, device, ``dp-*`` settings),
              validated first
   demo-data  one partition of a data source as an Alpaca JSONL file (demos, compose)
 
-A node's state lives in one directory (``--home``): ``node.key``, ``node.pub`` and
+A node's state lives in one directory (``--home``): ``node.key``, ``node.pub``,
+``enrollment.json`` (which token enrolled it where: running enroll again is harmless) and
 Flower's home (installed app bundles, ``config.toml``).
 """
 
@@ -23,24 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from client.data import load_examples, partition, split_heldout
-from server.certs import NodeKeys, generate_node_keys, load_node_key, load_node_public_key, probe
+from privacy.settings import DP_PREFIX, check_node_config
+from server.certs import NodeKeys, generate_node_keys, load_node_key, probe
 from server.cli import console, register_command
 from server.config import RunConfig, check_rank
+from server.enrollment import check_name, redeem_token, token_hash
 from server.launch import (
-    Daemon, add_connection_args, connection_ca, flower_env, flwr_json, parse_assignment, reported, run_flwr,
-    write_connection, write_toml,
+    Daemon, add_connection_args, connection_ca, flower_env, parse_assignment, reported, write_toml,
 )
 from server.simulation import flower_bin
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CUDA_INDEX = re.compile(r"cuda:(\d+)")
 # device -> CUDA_VISIBLE_DEVICES for the node's processes (None: leave as is). The ClientApp
 # trains on CUDA whenever torch sees a GPU, so hiding GPUs is how "cpu" is enforced.
 DEVICES: dict[str, str | None] = {"auto": None, "cuda": None, "cpu": ""}
-PASS_THROUGH_PREFIX = "dp-"  # differential-privacy settings, read by the ClientApp
+PASS_THROUGH_PREFIX = DP_PREFIX  # differential-privacy settings, read by the ClientApp
 READY_LINE = "SuperNode ID:"  # flower-supernode logs it once the SuperLink accepted the node
 REJECTED = "Failed to activate SuperNode"
 READY_TIMEOUT = 90.0
+ENROLLED = "enrollment.json"
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
@@ -50,12 +54,13 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     keygen = actions.add_parser("keygen", help="create the node's key pair (kept if it exists)")
     _add_home(keygen)
 
-    enroll = actions.add_parser("enroll", help="create the node's key pair and register it with the coordinator")
+    enroll = actions.add_parser("enroll", help="create the node's key pair and enroll it with a one-time token")
     add_connection_args(enroll)
     _add_home(enroll)
-    enroll.add_argument("--name", required=True, help="the node's name (letters, digits, . _ -)")
-    enroll.add_argument("--public-key", default=None,
-                        help="register this OpenSSH public key instead of the node's own (coordinator admin)")
+    enroll.add_argument("--token", default=None, help="the token from `fedlora coordinator invite`")
+    enroll.add_argument("--token-file", default=None, help="read the token from this file instead")
+    enroll.add_argument("--name", default=None,
+                        help="the name you were invited under; a token for another name is refused, unused")
 
     start = actions.add_parser("start", help="start the node's SuperNode")
     add_connection_args(start)
@@ -99,24 +104,32 @@ def keygen(args: argparse.Namespace) -> int:
 
 
 def enroll(args: argparse.Namespace) -> int:
-    if not NAME.fullmatch(args.name):
-        raise ValueError(f"node name {args.name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    public = Path(args.public_key).expanduser().resolve() if args.public_key else generate_node_keys(_home(args)).public
-    load_node_public_key(public)
+    if args.name is not None:
+        check_name(args.name)
     ca = connection_ca(args)
+    keys = generate_node_keys(_home(args))
     probe(args.coordinator, ca=ca, tls=not args.insecure)
-    flwr_home = _home(args) / "flwr"
-    connection = write_connection(flwr_home, address=args.coordinator, ca=ca)
-    result = run_flwr(["supernode", "register", str(public), connection, "--name", args.name, "--format", "json"],
-                      home=flwr_home, timeout=60)
-    reply = flwr_json(result, "flwr supernode register")
-    if reply.get("success"):
-        console.print(f"enrolled node {args.name!r} (SuperNode {reply['node-id']}) with {args.coordinator}",
+    token = _token(args)
+    marker = _home(args) / ENROLLED
+    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    if done.get("coordinator") == args.coordinator and done.get("token-sha256") == token_hash(token):
+        # a restarted setup script: the token is spent, by this very node
+        console.print(f"already enrolled as {done['name']!r} (SuperNode {done['node-id']}) with {args.coordinator}",
                       markup=False)
-    elif "already in use" in str(reply.get("error-message", "")):  # enrolment is idempotent
-        console.print(f"key {public} is already enrolled with {args.coordinator}", markup=False)
     else:
-        raise RuntimeError(f"registering {public} with {args.coordinator} failed: {reply.get('error-message', reply)}")
+        reply = redeem_token(coordinator=args.coordinator, ca=ca, token=token, public_key=keys.public.read_text(),
+                             name=args.name)
+        if reply["status"] == 200:
+            marker.write_text(json.dumps({"coordinator": args.coordinator, "name": reply["name"],
+                                          "node-id": reply["node-id"], "token-sha256": token_hash(token)}) + "\n")
+            console.print(f"enrolled node {reply['name']!r} (SuperNode {reply['node-id']}) with {args.coordinator}",
+                          markup=False)
+        elif reply.get("error") == "key-enrolled":  # enrolment is idempotent
+            console.print(f"key {keys.public} is already enrolled with {args.coordinator}: {reply['detail']}",
+                          markup=False)
+        else:
+            raise RuntimeError(f"coordinator {args.coordinator} refused the enrollment of {str(keys.public)!r} "
+                               f"({reply['status']}): {reply.get('detail', reply)}")
     console.print(f"start it: fedlora client start --coordinator {args.coordinator} "
                   + (f"--ca {ca} " if ca else "--insecure ") + f"--home {_home(args)} --data FILE --rank R",
                   markup=False)
@@ -144,11 +157,12 @@ def start(args: argparse.Namespace) -> int:
         if REJECTED in daemon.output():
             # Flower answers both cases with the same "[code: 2004] Failed to activate SuperNode"
             raise RuntimeError(f"coordinator {args.coordinator} rejected this node (key {str(key)!r}): the key is "
-                               "not enrolled (fedlora client enroll), or a node with it is already online") from None
+                               "not enrolled (fedlora client enroll --token), was revoked, or a node with it is "
+                               "already online") from None
         raise RuntimeError(f"{exc}\n{daemon.output()[-3000:]}") from None
     console.print(f"node connected to {args.coordinator} (rank {args.rank}, data {config['data-path']}); "
                   "waiting for runs", markup=False)
-    return daemon.wait()
+    return daemon.exit_status()
 
 
 def node_config(*, rank: int, max_rank: int, data: str, alpha: float | None, device: str,
@@ -171,6 +185,9 @@ def node_config(*, rank: int, max_rank: int, data: str, alpha: float | None, dev
             raise ValueError(f"--set {text!r}: only {PASS_THROUGH_PREFIX}* keys pass through "
                              "(rank, data, alpha and device have their own options)")
         config[key] = value
+    # a misspelt or unparsable dp-* key must stop the node now: ignored, it would drop the
+    # node's own (stricter) budget without a word
+    check_node_config(config)
     return config
 
 
@@ -201,6 +218,22 @@ def demo_data(args: argparse.Namespace) -> int:
 
 def _home(args: argparse.Namespace) -> Path:
     return Path(args.home).expanduser().resolve()
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token and args.token_file:
+        raise ValueError(f"--token and --token-file {args.token_file!r} contradict each other")
+    if args.token_file:
+        path = Path(args.token_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"token file {args.token_file!r} does not exist")
+        token = path.read_text().strip()
+    else:
+        token = (args.token or "").strip()
+    if not token:
+        raise ValueError("--token (or --token-file) is required: the coordinator's operator issues one with "
+                         "`fedlora coordinator invite --name NAME`")
+    return token
 
 
 register_command("client", _add_client, client)

@@ -3,8 +3,9 @@
 ``generate_tls`` writes a private CA and a server certificate signed by it into one
 directory (``ca.crt``, ``ca.key``, ``server.crt``, ``server.key``). The server
 certificate always names ``localhost``, ``127.0.0.1`` and ``::1`` besides the given
-host names: Flower's SuperLink connects its own ServerApp runtime to a loopback address
-(``0.0.0.0`` is rewritten to ``127.0.0.1``) and verifies it with the same CA.
+host names: the SuperLink listens on 127.0.0.1, where the coordinator's public front, the
+operator's commands and the SuperLink's own ServerApp runtime connect and verify it with
+the same CA.
 
 ``generate_node_keys`` writes a SuperNode's authentication key pair: an EC P-384
 private key in OpenSSH format (what ``flower-supernode --auth-supernode-private-key``
@@ -31,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# the curves Flower's SuperLink accepts for SuperNode keys (flwr.supercore.primitives.asymmetric)
+NIST_CURVES = (ec.SECP192R1, ec.SECP224R1, ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
 
@@ -137,12 +140,19 @@ def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     """A node's OpenSSH public key (what ``flwr supernode register`` accepts), or an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"public key {str(path)!r} does not exist")
+    return parse_node_public_key(path.read_bytes(), source=f"public key {str(path)!r}")
+
+
+def parse_node_public_key(data: bytes, *, source: str) -> ec.EllipticCurvePublicKey:
+    """An OpenSSH EC public key on a NIST curve (what the SuperLink accepts); errors name ``source``."""
     try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
+        key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ValueError(f"public key {str(path)!r} is not an OpenSSH public key: {exc}") from None
+        raise ValueError(f"{source} is not an OpenSSH public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"public key {str(path)!r} is {type(key).__name__}, not an EC (P-384) key")
+        raise ValueError(f"{source} is {type(key).__name__}, not an EC (P-384) key")
+    if not isinstance(key.curve, NIST_CURVES):
+        raise ValueError(f"{source} uses curve {key.curve.name}, not a NIST curve")
     return key
 
 

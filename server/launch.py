@@ -34,7 +34,10 @@ from server.cli import console
 from server.simulation import flower_bin, toml_value
 
 CONNECTION = "fedlora"
-DEFAULT_PORT = 9093
+DEFAULT_PORT = 9093  # the coordinator's public port (the front: Fleet API and enrollment)
+OPERATOR_PORT = 9092  # the SuperLink itself, on loopback: Control and Runtime APIs
+LOOPBACK = "127.0.0.1"
+COORDINATOR_HOME = ".flwr/coordinator"
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -52,8 +55,9 @@ def reported(handler: Handler) -> Handler:
     return wrapper
 
 
-def add_connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORT}", help="coordinator address HOST:PORT")
+def add_connection_args(p: argparse.ArgumentParser, *, port: int = DEFAULT_PORT) -> None:
+    p.add_argument("--coordinator", default=f"{LOOPBACK}:{port}", help=f"coordinator address HOST:PORT "
+                                                                        f"(default: {LOOPBACK}:{port})")
     p.add_argument("--ca", default=None, help="the coordinator's CA certificate (PEM)")
     p.add_argument("--insecure", action="store_true", help="the coordinator runs without TLS")
 
@@ -157,6 +161,7 @@ class Daemon:
         self.process: subprocess.Popen[str] | None = None
         self._pump_thread: threading.Thread | None = None
         self._previous: dict[int, Any] = {}
+        self.signalled: int | None = None  # the first signal forwarded to it (SIGTERM, SIGINT)
         self._signals = 0
 
     def start(self) -> None:
@@ -201,11 +206,23 @@ class Daemon:
         finally:
             self._finish()
 
-    def _forward(self, _signum: int, _frame: object) -> None:
+    def exit_status(self) -> int:
+        """``wait``, then report as a shell does: 128 + N when our forwarded signal N stopped it
+        (143 after SIGTERM, like ``fedlora simulate``), else the daemon's own exit code."""
+        code = self.wait()
+        return 128 + self.signalled if self.signalled else code
+
+    def _forward(self, signum: int, _frame: object) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self._signals += 1
+        self.signalled = self.signalled or signum
         self.process.send_signal(signal.SIGTERM if self._signals == 1 else signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """Ask the daemon to stop; safe from any thread (``stop`` restores signal handlers: main thread only)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:

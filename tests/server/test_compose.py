@@ -116,7 +116,7 @@ def test_every_fedlora_command_parses(services):
     assert set(commands) == {"init", "coordinator", *NODES, "submit"}
     assert [(a.command, a.action) for a in commands["init"]] == [
         ("coordinator", "certs"), ("client", "keygen"), ("client", "keygen"),
-        ("client", "demo-data"), ("client", "demo-data")]
+        ("client", "demo-data"), ("client", "demo-data"), ("coordinator", "invite"), ("coordinator", "invite")]
     assert [(a.command, a.action) for a in commands["coordinator"]] == [("coordinator", "start")]
     for node in NODES:
         assert [(a.command, a.action) for a in commands[node]] == [("client", "enroll"), ("client", "start")]
@@ -132,18 +132,50 @@ def test_coordinator_tls_and_addresses_are_consistent(services):
     assert not start.insecure and not start.no_node_auth  # TLS and node authentication on
     for path, name in ((start.ca, "ca.crt"), (start.cert, "server.crt"), (start.key, "server.key")):
         assert container_path(coordinator, "pki", path) == f"{out}/{name}"
-    assert f"{start.port}:{start.port}" in coordinator["ports"]
     health = " ".join(coordinator["healthcheck"]["test"])
-    assert f"https://coordinator:{start.port}/health" in health and start.ca in health
+    assert f"https://coordinator:{start.port}/health" in health and start.ca in health  # through the front
     assert "FEDLORA_DB_URL" in coordinator["environment"]
     assert "@postgres:5432/" in coordinator["environment"]["FEDLORA_DB_URL"]
+    for node in NODES:
+        for args in parsed(services, node):
+            assert not args.insecure and container_path(services[node], "pki", args.ca) == f"{out}/ca.crt"
 
-    connected = [parsed(services, node) for node in NODES] + [[a] for a in parsed(services, "submit")]
-    for args in (a for group in connected for a in group):
-        assert args.coordinator == f"coordinator:{start.port}"
-        assert not args.insecure
-        assert container_path(services["submit"] if args.command == "run" else services["node1"], "pki",
-                              args.ca) == f"{out}/ca.crt"
+
+def test_only_the_front_is_published_and_nodes_use_it(services):
+    (start,) = parsed(services, "coordinator")
+    # the public port is the front (Fleet API + enrollment); the SuperLink's own port is
+    # bound to the container's loopback and never published
+    assert services["coordinator"]["ports"] == [f"{start.port}:{start.port}"]
+    assert start.local_port != start.port and start.host == "0.0.0.0"
+    for node in NODES:
+        for args in parsed(services, node):
+            assert args.coordinator == f"coordinator:{start.port}", (node, args.action)
+
+
+def test_the_operator_submits_from_the_coordinators_loopback(services):
+    (start,) = parsed(services, "coordinator")
+    (run,) = parsed(services, "submit")
+    submit = services["submit"]
+    # only inside the coordinator's network namespace does 127.0.0.1 reach the SuperLink
+    assert submit["network_mode"] == "service:coordinator" and "ports" not in submit
+    assert run.coordinator == f"127.0.0.1:{start.local_port}" and not run.insecure
+    assert container_path(submit, "pki", run.ca) == container_path(services["coordinator"], "pki", start.ca)
+
+
+def test_nodes_enroll_with_the_tokens_init_issued_into_the_coordinators_home(services):
+    invites = [a for a in parsed(services, "init") if a.action == "invite"]
+    (start,) = parsed(services, "coordinator")
+    init = services["init"]
+    # the token store is the coordinator's home, on the coordinator's volume
+    assert {container_path(init, "coordinator", a.home) for a in invites} == {
+        container_path(services["coordinator"], "coordinator", start.home)}
+    assert sorted(a.name for a in invites) == sorted(NODES)
+    for node, invite in zip(NODES, invites, strict=True):
+        enroll, _ = parsed(services, node)
+        assert invite.name == enroll.name == node
+        # the token file init wrote into the node's volume is the one the node reads
+        assert container_path(init, node, invite.token_file) == container_path(services[node], node, enroll.token_file)
+        assert enroll.token is None  # a file, not the command line (where `ps` would show it)
 
 
 def test_nodes_use_the_keys_and_data_init_created(services):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import stat
 import time
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 
 from server.certs import (
     generate_node_keys,
     generate_tls,
     load_ca,
     load_node_key,
+    parse_node_public_key,
     probe,
     split_address,
 )
@@ -139,3 +142,44 @@ def test_certs_command_keeps_existing_certificates_unless_forced(tmp_path, capsy
     assert (out / "ca.crt").read_bytes() == first and "keeping" in capsys.readouterr().out
     assert main(["coordinator", "certs", "--hostname", "coord", "--out", str(out), "--force"]) == 0
     assert (out / "ca.crt").read_bytes() != first
+
+
+def _certificate_naming_only(tmp_path, name: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "s.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "s.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return tmp_path / "s.crt", tmp_path / "s.key"
+
+
+def test_coordinator_refuses_a_certificate_that_does_not_name_loopback(capsys, tmp_path):
+    # the front and the SuperLink's own ServerApp runtime verify the SuperLink at 127.0.0.1
+    cert, key = _certificate_naming_only(tmp_path, "coord.example")
+    code = main(["coordinator", "start", "--host", "127.0.0.1", "--port", str(free_port()), "--home",
+                 str(tmp_path / "home"), "--db", f"sqlite:///{tmp_path}/runs.db", "--ca", str(cert), "--cert",
+                 str(cert), "--key", str(key)])
+    out = capsys.readouterr().out.replace("\n", "")
+    assert code == 2 and str(cert) in out and "127.0.0.1" in out and "coord.example" in out, out
+    assert not (tmp_path / "home" / "flwr").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1(), ec.SECP521R1()])
+def test_node_public_keys_on_nist_curves_are_accepted(curve):
+    key = ec.generate_private_key(curve).public_key()
+    text = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    assert parse_node_public_key(text + b"\n", source="k").public_numbers() == key.public_numbers()
+
+
+def test_node_public_keys_that_flower_would_refuse_are_named():
+    ed = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                         serialization.PublicFormat.OpenSSH)
+    with pytest.raises(ValueError, match="the key from hospital-a is Ed25519PublicKey"):
+        parse_node_public_key(ed, source="the key from hospital-a")
+    with pytest.raises(ValueError, match="the key from hospital-a is not an OpenSSH public key"):
+        parse_node_public_key(b"ssh-rsa nope", source="the key from hospital-a")

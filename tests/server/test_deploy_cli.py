@@ -78,6 +78,20 @@ def test_client_start_refuses_bad_node_config(capsys, node_home, data_file, extr
     assert not (node_home / "flwr").exists()  # nothing was launched
 
 
+@pytest.mark.parametrize(
+    "assignment, needles",
+    [
+        ("dp-epsion=2", ["'dp-epsion'", "valid: dp-epsilon, dp-delta"]),  # misspelt: it must not be ignored
+        ("dp-epsilon=abc", ["dp-epsilon", "'abc'"]),
+        ("dp-delta=2", ["dp-delta", "(0, 1)"]),
+    ],
+)
+def test_client_start_refuses_an_unknown_or_unparsable_dp_key(capsys, node_home, data_file, assignment, needles):
+    fails(capsys, _start(node_home, data_file, "--rank", "4", "--set", "dp-epsilon=2", "--set", assignment),
+          *needles)
+    assert not (node_home / "flwr").exists()  # nothing was launched
+
+
 def test_client_start_names_a_missing_data_file(capsys, node_home, tmp_path):
     fails(capsys, _start(node_home, tmp_path / "missing.jsonl", "--rank", "4"), "missing.jsonl")
 
@@ -228,7 +242,7 @@ def test_node_config_file_is_parsed_by_flower(tmp_path, data_file):
     from server.launch import write_toml
 
     config = node_config(rank=4, max_rank=64, data=str(data_file), alpha=None, device="auto",
-                         extra=['dp-note=say "hi"'])
+                         extra=['dp-state-dir=say "hi"'])
     assert parse_config_args([str(write_toml(tmp_path / "node-config.toml", config))]) == config
 
 
@@ -270,3 +284,75 @@ def test_daemon_forwards_sigterm_and_returns_the_exit_code():
 
     threading.Thread(target=terminate_when_forwarding, daemon=True).start()
     assert daemon.wait() == 7
+
+
+# --- the public front and enrollment (issue 17): refused within seconds, values named -----------
+
+
+def test_daemon_reports_a_forwarded_sigterm_as_143_like_a_shell():
+    script = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(241)); "
+              "print('up', flush=True); time.sleep(60)")  # 241: what flower-superlink exits with
+    daemon = Daemon(command=[sys.executable, "-c", script], env=dict(os.environ), ready_line="up")
+    daemon.start()
+    daemon.wait_ready(daemon.ready.is_set, timeout=30, what="child")
+
+    def terminate_when_forwarding() -> None:
+        deadline = time.monotonic() + 20
+        while signal.getsignal(signal.SIGTERM) != daemon._forward and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_forwarding, daemon=True).start()
+    assert daemon.exit_status() == 128 + signal.SIGTERM
+    assert daemon.signalled == signal.SIGTERM
+
+
+def test_coordinator_ports_must_differ(capsys, tmp_path):
+    port = free_port()
+    fails(capsys, ["coordinator", "start", "--host", "127.0.0.1", "--port", port, "--local-port", port,
+                   "--home", tmp_path / "home", "--db", f"sqlite:///{tmp_path}/runs.db"], f"--local-port {port}")
+
+
+def test_coordinator_names_a_busy_loopback_port(capsys, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fails(capsys, _coordinator(tmp_path, "--local-port", port), f"127.0.0.1:{port}")
+
+
+def test_invite_writes_a_private_token_file_once(capsys, tmp_path):
+    token_file = tmp_path / "node" / "enroll.token"
+    args = ["coordinator", "invite", "--name", "hospital-a", "--home", tmp_path / "home", "--token-file", token_file]
+    assert main([str(a) for a in args]) == 0
+    token = token_file.read_text().strip()
+    assert len(token) >= 43 and token_file.stat().st_mode & 0o777 == 0o600
+    assert token not in capsys.readouterr().out  # the file holds it, not the terminal
+    assert main([str(a) for a in args]) == 0  # a re-run setup script keeps the invitation it issued
+    assert token_file.read_text().strip() == token and "keeping" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [(["--name", "bad name"], "'bad name'"),
+                                           (["--name", "n1", "--valid-for", "2 weeks"], "'2 weeks'")])
+def test_invite_names_bad_values(capsys, tmp_path, extra, needle):
+    fails(capsys, ["coordinator", "invite", "--home", tmp_path, *extra], needle)
+
+
+@pytest.mark.parametrize("command", [["register", "--name", "n1", "--public-key", "PUB"], ["nodes"],
+                                     ["revoke", "n1"]])
+def test_operator_commands_name_a_home_where_no_coordinator_started(capsys, tmp_path, command):
+    pub = generate_node_keys(tmp_path / "node").public
+    argv = [str(pub) if a == "PUB" else a for a in command]
+    fails(capsys, ["coordinator", *argv, "--home", tmp_path / "nowhere"], str(tmp_path / "nowhere" / "endpoints.json"))
+
+
+def test_register_names_a_missing_public_key(capsys, tmp_path):
+    fails(capsys, ["coordinator", "register", "--name", "n1", "--public-key", tmp_path / "node.pub",
+                   "--home", tmp_path], str(tmp_path / "node.pub"))
+
+
+def test_enroll_needs_a_token_from_the_operator(capsys, tmp_path, pki, tls_address):
+    base = ["client", "enroll", "--home", tmp_path, "--coordinator", tls_address, "--ca", pki.ca_cert]
+    fails(capsys, base, "--token", "fedlora coordinator invite")
+    fails(capsys, [*base, "--token-file", tmp_path / "none.token"], str(tmp_path / "none.token"))
+    fails(capsys, [*base, "--token", "t", "--token-file", tmp_path / "t"], "contradict")

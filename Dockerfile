@@ -20,6 +20,8 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY server/__init__.py server/__init__.py
 COPY client/__init__.py client/__init__.py
+COPY core/__init__.py core/__init__.py
+COPY cli/__init__.py cli/__init__.py
 COPY aggregation/__init__.py aggregation/__init__.py
 COPY privacy/__init__.py privacy/__init__.py
 COPY simulations/__init__.py simulations/__init__.py

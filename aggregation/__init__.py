@@ -7,7 +7,6 @@ numpy: it imports nothing from Flower, PEFT, torch models or the database.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +19,7 @@ from aggregation.base import (
     ModelSpec,
     ModuleShape,
     Tensors,
+    WeightedSum,
 )
 
 _REGISTRY: dict[str, type] = {}
@@ -60,19 +60,17 @@ def create(name: str, **kwargs: Any) -> Aggregator:
     return get_class(name)(**kwargs)  # type: ignore[no-any-return]
 
 
-# Importing a module registers its aggregator. One line per module, kept in one place.
-_BUILTIN_MODULES = (
-    "fedavg",
-    "flora",
-    "fedex_lora",
-    "lora_fair",
-    "fed_sb",
-    "ffa_lora",
-    "flexlora",
-    "hetlora",
+# The built-in methods: importing a module registers its class, one explicit import each.
+from aggregation import (  # noqa: E402, F401  (imported for their @register)
+    fed_sb,
+    fedavg,
+    fedex_lora,
+    ffa_lora,
+    flexlora,
+    flora,
+    hetlora,
+    lora_fair,
 )
-for _module in _BUILTIN_MODULES:
-    importlib.import_module(f"aggregation.{_module}")
 
 __all__ = [
     "Aggregation",
@@ -83,6 +81,7 @@ __all__ = [
     "ModelSpec",
     "ModuleShape",
     "Tensors",
+    "WeightedSum",
     "create",
     "get_class",
     "names",

@@ -139,6 +139,29 @@ class Aggregation:
     base_update: Tensors = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WeightedSum:
+    """A method whose aggregate is a weighted sum of (scale-folded) uploads, and its layout.
+
+    What central DP (``privacy.central``) needs to clip and noise it: for each uploaded
+    factor, which entries a rank-r upload fills (``"rows"``: the first r rows, A;
+    ``"cols"``: the first r columns, B; ``"block"``: the leading r x r block, R), and
+    whether each entry is averaged over the clients that hold it (``renormalised``).
+    """
+
+    coverage: Mapping[str, str]
+    renormalised: bool
+
+    def __post_init__(self) -> None:
+        bad = {f: c for f, c in self.coverage.items() if f not in FACTOR_NAMES or c not in COVERAGES}
+        if bad or not self.coverage:
+            raise ValueError(f"weighted-sum coverage {dict(self.coverage)} must map factors "
+                             f"{sorted(FACTOR_NAMES)} to one of {sorted(COVERAGES)}")
+
+
+COVERAGES = frozenset({"rows", "cols", "block"})
+
+
 @runtime_checkable
 class Aggregator(Protocol):
     """A federated LoRA aggregation method.
@@ -152,6 +175,11 @@ class Aggregator(Protocol):
     uplink: frozenset[str]
     #: adapter architecture the client builds: "lora" (B @ A) or "bra" (B @ R @ A)
     adapter_kind: str
+    #: the aggregate as a weighted sum of the uploads (central DP applies), or the reason
+    #: it is not one (shown when central DP is asked for)
+    weighted_sum: WeightedSum | str
+    #: takes public calibration data for its initialisation (``calibration-data``)
+    accepts_calibration: bool
 
     def init_state(self, spec: ModelSpec) -> Any: ...
 
@@ -170,6 +198,14 @@ class Aggregator(Protocol):
         only part of the adapter, as in Fed-SB and FFA-LoRA).
         """
         ...
+
+
+def check_rank(rank: int, max_rank: int, *, node: str | None = None) -> None:
+    """Every LoRA rank lies in 1..max_rank: the one statement of that range, used everywhere
+    (run config, ``client start``, the strategy's rank query, the aggregators' downlinks)."""
+    if not 1 <= rank <= max_rank:
+        who = f"node {node}: " if node is not None else ""
+        raise ValueError(f"{who}LoRA rank {rank} is outside the allowed range 1..{max_rank} (max-rank)")
 
 
 def expected_shapes(

@@ -61,6 +61,8 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    check_rank,
+    WeightedSum,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -68,7 +70,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.init import module_rng
+from aggregation.seeded_init import module_rng
 from aggregation.linalg import example_weights
 from aggregation.lowrank import random_orthonormal
 
@@ -178,6 +180,8 @@ class FedSB:
 
     uplink = frozenset({"R"})
     adapter_kind = "bra"
+    weighted_sum = WeightedSum(coverage={"R": "block"}, renormalised=True)
+    accepts_calibration = True
 
     def __init__(self, *, initial: dict[str, dict[str, np.ndarray]] | None = None) -> None:
         # own copy, so a caller editing its arrays later cannot change this run
@@ -195,8 +199,7 @@ class FedSB:
 
     def downlink(self, state: SBState, client: ClientInfo) -> Downlink:
         r = client.rank
-        if r > state.max_rank:
-            raise ValueError(f"node {client.node_id} has rank {r} > max_rank {state.max_rank}")
+        check_rank(r, state.max_rank, node=client.node_id)
         adapter = {name: {"R": f["R"][:r, :r] / client.scale} for name, f in state.factors.items()}
         frozen = {
             name: {"B": f["B"][:, :r].copy(), "A": f["A"][:r].copy()}

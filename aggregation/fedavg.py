@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from aggregation import register
 from aggregation.base import (
+    WeightedSum,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -33,7 +34,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.init import lora_init
+from aggregation.seeded_init import lora_init
 from aggregation.linalg import example_weights, folded_lora, holder_weighted_mean, truncated_downlink
 
 
@@ -51,6 +52,8 @@ class FedAvg:
 
     uplink = frozenset({"A", "B"})
     adapter_kind = "lora"
+    weighted_sum = WeightedSum(coverage={"A": "rows", "B": "cols"}, renormalised=True)  # per-component holder mean
+    accepts_calibration = False
 
     def init_state(self, spec: ModelSpec) -> FactorState:
         return FactorState(factors=lora_init(spec), max_rank=spec.max_rank)

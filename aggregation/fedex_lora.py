@@ -60,6 +60,8 @@ class FedExLoRA:
 
     uplink = FedAvg.uplink
     adapter_kind = FedAvg.adapter_kind
+    weighted_sum = "its residual base update is a product of client factors, not a sum"
+    accepts_calibration = False
 
     def __init__(self) -> None:
         # The adapter half is FedAvg, unchanged: state, downlink and deltas are its own.

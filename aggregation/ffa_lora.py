@@ -9,7 +9,7 @@ fixed, DP-SGD noise enters only B, and a product of two noisy factors (which
 amplifies noise) never arises. It also halves the upload.
 
 A is drawn once from the run seed with PEFT's kaiming-uniform init
-(``aggregation.init.lora_init``) and delivered to each node once as a frozen factor.
+(``aggregation.seeded_init.lora_init``) and delivered to each node once as a frozen factor.
 
 Heterogeneous ranks: client k uses ``A[:r_k]`` and trains a ``d_out x r_k`` B. The
 server zero-pads the folded ``s_k B_k`` to max_rank columns before averaging, which
@@ -29,6 +29,8 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    check_rank,
+    WeightedSum,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -36,7 +38,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.init import lora_init
+from aggregation.seeded_init import lora_init
 from aggregation.linalg import example_weights, fold, pad_to
 
 
@@ -70,6 +72,8 @@ class FFALoRA:
 
     uplink = frozenset({"B"})
     adapter_kind = "lora"
+    weighted_sum = WeightedSum(coverage={"B": "cols"}, renormalised=False)
+    accepts_calibration = False
 
     def init_state(self, spec: ModelSpec) -> FrozenAState:
         # B = 0: the initial update is zero, as with PEFT's default init
@@ -77,8 +81,7 @@ class FFALoRA:
 
     def downlink(self, state: FrozenAState, client: ClientInfo) -> Downlink:
         r = client.rank
-        if r > state.max_rank:
-            raise ValueError(f"node {client.node_id} has rank {r} > max_rank {state.max_rank}")
+        check_rank(r, state.max_rank, node=client.node_id)
         adapter = {name: {"B": f["B"][:, :r] / client.scale} for name, f in state.factors.items()}
         frozen = {name: {"A": f["A"][:r].copy()} for name, f in state.factors.items()}
         return Downlink(adapter=adapter, trainable=frozenset({"B"}), frozen=frozen)

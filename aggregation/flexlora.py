@@ -46,7 +46,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.init import kaiming_a, lora_init, module_rng
+from aggregation.seeded_init import kaiming_a, lora_init, module_rng
 from aggregation.linalg import example_weights, fold, folded_lora, stack_lowrank, truncated_downlink
 from aggregation.lowrank import lowrank_svd, truncated_factors
 
@@ -90,6 +90,8 @@ class FlexLoRA:
 
     uplink = frozenset({"A", "B"})
     adapter_kind = "lora"
+    weighted_sum = "its SVD truncation is nonlinear in the uploads"
+    accepts_calibration = False
 
     def __init__(self, *, split: str = "b") -> None:
         if split not in ("b", "sqrt"):

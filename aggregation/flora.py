@@ -106,6 +106,9 @@ class FLoRA:
 
     uplink = frozenset({"A", "B"})
     adapter_kind = "lora"
+    weighted_sum = ("its aggregate is a concatenation (stack) of the clients' factors, so every client's "
+                    "factors are released verbatim; noise on a sum cannot hide them")
+    accepts_calibration = False
 
     def init_state(self, spec: ModelSpec) -> FloraState:
         shapes = {name: (s.d_out, s.d_in) for name, s in sorted(spec.modules.items())}

@@ -54,7 +54,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.init import lora_init
+from aggregation.seeded_init import lora_init
 from aggregation.linalg import (
     example_weights,
     fold,
@@ -97,6 +97,8 @@ class HetLoRA:
 
     uplink = frozenset({"A", "B"})
     adapter_kind = "lora"
+    weighted_sum = "its norm-based weights depend on the uploads themselves"
+    accepts_calibration = False
 
     def __init__(self, *, weight_by_examples: bool = False) -> None:
         self.weight_by_examples = weight_by_examples

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from aggregation.base import ClientInfo, ClientUpdate, Downlink, Factors, Tensors
+from aggregation.base import ClientInfo, ClientUpdate, Downlink, Factors, Tensors, check_rank
 
 
 def example_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
@@ -176,8 +176,7 @@ def truncated_downlink(factors: Tensors, client: ClientInfo, max_rank: int) -> D
     """The first ``client.rank`` components of global folded factors, un-folded for the
     client's scaling; A and B both train. Shared by every method that keeps a global
     (B, A) pair at the maximum rank and truncates it per client."""
-    if client.rank > max_rank:
-        raise ValueError(f"node {client.node_id} has rank {client.rank} > max_rank {max_rank}")
+    check_rank(client.rank, max_rank, node=client.node_id)
     adapter = {
         name: unfold_for(truncate_lora(f, client.rank), scale=client.scale, into="B")
         for name, f in factors.items()

@@ -71,6 +71,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    WeightedSum,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -78,7 +79,7 @@ from aggregation.base import (
     ModelSpec,
     Tensors,
 )
-from aggregation.init import lora_init
+from aggregation.seeded_init import lora_init
 from aggregation.linalg import (
     check_lora_update,
     example_weights,
@@ -270,6 +271,8 @@ class LoraFair:
 
     uplink: ClassVar[frozenset[str]] = frozenset({"A", "B"})
     adapter_kind: ClassVar[str] = "lora"
+    weighted_sum: ClassVar[WeightedSum | str] = "its correction solves a least-squares problem over the client factors (nonlinear)"
+    accepts_calibration: ClassVar[bool] = False
 
     solver: str = "closed-form"
     ridge: float = 0.0

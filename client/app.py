@@ -28,15 +28,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from client.data import Example, load_examples, partition, split_heldout
-from client.model import AdaptedModel, AdapterSpec, fold_into_base
-from client.presets import BaseModel, load_base
-from client.trainer import TrainConfig, device, train
+from core.data import Example, load_examples, partition, split_heldout
+from core.model import AdaptedModel, AdapterSpec, fold_into_base
+from core.presets import BaseModel, load_base
+from core.trainer import TrainConfig, device, train
 from privacy.central import clip_update
-from privacy.client import PrivateRound, private_round
-from privacy.settings import check_node_config, local_dp
-from server.config import RunConfig, check_rank
-from server.wire import merges_to_record, record_to_merges, record_to_tensors, tensors_to_record
+from privacy.private_round import PrivateRound, private_round
+from privacy.settings import check_node_config, local_dp, parse_run_config
+from aggregation.base import check_rank
+from core.config import RunConfig
+from core.wire import merges_to_record, record_to_merges, record_to_tensors, tensors_to_record
 
 app = ClientApp()
 
@@ -89,7 +90,7 @@ def local_examples(context: Context, cfg: RunConfig) -> list[Example]:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg = RunConfig.from_flower(context.run_config)
+    cfg = parse_run_config(context.run_config)
     rank, alpha = node_identity(context, cfg)
     info = MetricRecord({"rank": rank, "alpha": alpha, "num-examples": len(local_examples(context, cfg))})
     return Message(RecordDict({"info": info, "identity": ConfigRecord({"node-key": node_key(context)})}), reply_to=msg)
@@ -109,7 +110,7 @@ def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Messa
         # a node_config written by hand for flower-supernode never passed `client start`'s
         # check, and an ignored dp-* key would drop the node's own budget: never train on it
         return _reply(msg, status="failed", reason=str(exc), metrics={})
-    cfg = RunConfig.from_flower(context.run_config)
+    cfg = parse_run_config(context.run_config)
     settings = msg.content["config"]
 
     merges = _known_merges(msg, context)

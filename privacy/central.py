@@ -54,12 +54,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from aggregation.base import Aggregation, Aggregator, ClientInfo, ClientUpdate, Downlink, ModelSpec, Tensors
+import aggregation
+from aggregation.base import (
+    Aggregation, Aggregator, ClientInfo, ClientUpdate, Downlink, ModelSpec, Tensors, WeightedSum,
+)
 
 #: factors the server multiplies by the client's scale s before summing (aggregation.base)
 FOLDED = frozenset({"B", "R"})
@@ -83,41 +85,24 @@ def _block(shape: tuple[int, int], rank: int) -> np.ndarray:
     return mask
 
 
-@dataclass(frozen=True)
-class SumLayout:
-    """Where a rank-r client's upload lands in the aggregate, and how entries are normalised."""
-
-    coverage: Mapping[str, Callable[[tuple[int, int], int], np.ndarray]]  # factor -> mask(shape, rank)
-    renormalised: bool  # True: each entry is averaged over the clients that have it (FedAvg, Fed-SB)
+#: ``WeightedSum.coverage`` names -> the mask of entries a rank-r upload fills
+MASKS: dict[str, Callable[[tuple[int, int], int], np.ndarray]] = {"rows": _rows, "cols": _cols, "block": _block}
 
 
-#: aggregators whose aggregate is a weighted sum of (zero-padded, scale-folded) uploads
-SUM_AGGREGATORS: dict[str, SumLayout] = {
-    # FedAvg's mean is per component over its holders (aggregation.linalg.holder_weighted_mean)
-    "fedavg": SumLayout(coverage={"A": _rows, "B": _cols}, renormalised=True),
-    "ffa-lora": SumLayout(coverage={"B": _cols}, renormalised=False),
-    "fed-sb": SumLayout(coverage={"R": _block}, renormalised=True),
-}
-
-#: why the others cannot have central DP (shown in the error)
-NOT_A_SUM: dict[str, str] = {
-    "flora": "its aggregate is a concatenation (stack) of the clients' factors, so every client's "
-             "factors are released verbatim; noise on a sum cannot hide them",
-    "fedex-lora": "its residual base update is a product of client factors, not a sum",
-    "lora-fair": "its correction solves a least-squares problem over the client factors (nonlinear)",
-    "flexlora": "its SVD truncation is nonlinear in the uploads",
-    "hetlora": "its norm-based weights depend on the uploads themselves",
-}
+def weighted_sum(aggregator: str) -> WeightedSum:
+    """The method's weighted-sum layout (a capability its class declares), or a refusal naming why not."""
+    declared = aggregation.get_class(aggregator).weighted_sum
+    if isinstance(declared, WeightedSum):
+        return declared
+    summed = [n for n in aggregation.names() if isinstance(aggregation.get_class(n).weighted_sum, WeightedSum)]
+    raise ValueError(
+        f"central DP (dp-central-clip) is not available for aggregator {aggregator!r}: {declared}. "
+        f"It works with {', '.join(summed)}."
+    )
 
 
 def check_central_dp(aggregator: str) -> None:
-    if aggregator in SUM_AGGREGATORS:
-        return
-    why = NOT_A_SUM.get(aggregator, "it is not known to aggregate by a weighted sum")
-    raise ValueError(
-        f"central DP (dp-central-clip) is not available for aggregator {aggregator!r}: {why}. "
-        f"It works with {', '.join(sorted(SUM_AGGREGATORS))}."
-    )
+    weighted_sum(aggregator)
 
 
 def folded_delta_norm(uploaded: Tensors, sent: Tensors, *, scale: float) -> float:
@@ -196,12 +181,14 @@ class CentralDP:
             raise ValueError(f"unknown central DP weighting {weighting!r}; valid: {', '.join(sorted(WEIGHTINGS))}")
         self.inner = inner
         self.name = name  # checkpoints and logs know the method by the inner name
-        self.layout = SUM_AGGREGATORS[name]
+        self.layout = weighted_sum(name)
         self.clip = clip
         self.noise_multiplier = noise_multiplier
         self.weighting = weighting
         self.uplink = inner.uplink
         self.adapter_kind = inner.adapter_kind
+        self.weighted_sum = inner.weighted_sum  # still a weighted sum: the noise is added to it
+        self.accepts_calibration = inner.accepts_calibration
         # None: OS entropy. A seed from the run config would let clients, who know it,
         # regenerate the noise and subtract it.
         self._rng = np.random.default_rng(seed)
@@ -246,7 +233,8 @@ class CentralDP:
         largest = 0.0
         for name, module in factors.items():
             noised[name] = dict(module)
-            for key, cover in self.layout.coverage.items():
+            for key, coverage in self.layout.coverage.items():
+                cover = MASKS[coverage]
                 value = np.asarray(module[key], np.float64)
                 std = self.noise_multiplier * self.clip * self._coordinate_weights(cover, value.shape, updates, weights)
                 largest = max(largest, float(std.max(initial=0.0)))

@@ -1,6 +1,6 @@
 """DP-SGD for one round of local training, through Opacus's ``PrivacyEngine``.
 
-``OpacusDPSGD`` is the privacy hook ``client.trainer.train`` accepts. ``attach`` is
+``OpacusDPSGD`` is the privacy hook ``core.trainer.train`` accepts. ``attach`` is
 called after the model is on its device, wrapped with adapters and given its
 optimizer; it checks the trainable layers, then calls ``make_private`` with the noise
 multiplier the run fixed once (never ``make_private_with_epsilon``: that calibrates
@@ -23,16 +23,14 @@ Choices, and why:
 * The collate function is primed once with one example: Opacus's empty-batch
   collate learns the batch structure (our dict of tensors) from the first non-empty
   batch and otherwise crashes when the very first Poisson batch is empty.
-* The loss is per sequence (``client.trainer.sequence_losses``): Hugging Face's
+* The loss is per sequence (``core.trainer.sequence_losses``): Hugging Face's
   ``labels=`` loss divides by the batch's token count, which couples the examples of
   a batch and breaks per-example clipping.
 * Noise and sampling randomness come from the OS unless a test pins a seed: a seed
   derived from the run config would let the server, which knows the config,
   regenerate the noise and subtract it.
 
-Refused with DP on (``check_dp_compatible``): DoRA (its magnitude vector has no
-per-sample gradient in Opacus) and LoRA on embedding layers (PEFT's embedding LoRA
-keeps its factors as bare parameters of a layer Opacus has no sampler for).
+What Opacus can train here, and the grad-sample modes: ``privacy.opacus_support``.
 """
 
 from __future__ import annotations
@@ -50,12 +48,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.data import collate
+from core.data import collate
 from privacy.accounting import History, check_accountant, check_history, compose
-
-
-class DPIncompatibleError(ValueError):
-    """The model's trainable layers cannot be trained with per-example DP-SGD."""
+from privacy.opacus_support import (
+    GRAD_SAMPLE_MODES, GhostClipping, PerSampleGradients, PerSequenceCriterion, check_dp_compatible,
+    check_grad_sample_mode,
+)
 
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -77,111 +75,6 @@ def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
 def _accounted_rate(dp_loader: DataLoader) -> float:
     """What ``make_private`` passes its accountant's step hook for this Poisson loader."""
     return 1.0 / len(dp_loader)
-
-
-# --- what Opacus can train ---------------------------------------------------------------
-
-#: module types whose own trainable parameters get exact per-sample gradients from
-#: Opacus's registered samplers: LoRA's A and B (also on GPT-2 Conv1D bases, where PEFT
-#: still makes them nn.Linear), Fed-SB's R, and linear heads.
-SUPPORTED_OWNERS: tuple[type[nn.Module], ...] = (nn.Linear,)
-
-
-def check_dp_compatible(model: nn.Module) -> None:
-    """Refuse, naming the parameter, anything DP-SGD here cannot train correctly."""
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for module_name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append((module_name, module))
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise DPIncompatibleError("DP-SGD: the model has no trainable parameters")
-    for name, param in trainable:
-        if "lora_magnitude_vector" in name:
-            raise DPIncompatibleError(
-                f"DP-SGD does not support DoRA: {name} is DoRA's magnitude vector, which Opacus cannot "
-                "compute per-sample gradients for. Turn DoRA off (use_dora=False) or DP off."
-            )
-        held_by = owners.get(id(param), [])
-        types = {type(module) for _, module in held_by}
-        if "lora_embedding" in name or any(issubclass(t, nn.Embedding) for t in types):
-            raise DPIncompatibleError(
-                f"DP-SGD does not support LoRA on embedding layers: {name} is trainable. Opacus cannot "
-                "clip its per-example gradients here; target linear layers only, or turn DP off."
-            )
-        if len(held_by) > 1:
-            raise DPIncompatibleError(
-                f"DP-SGD: trainable parameter {name} is shared by {[n for n, _ in held_by]}; tied "
-                "weights get wrong per-sample gradients"
-            )
-        if not types or not all(t in SUPPORTED_OWNERS for t in types):
-            raise DPIncompatibleError(
-                f"DP-SGD: trainable parameter {name} belongs to a {', '.join(t.__name__ for t in types)}; "
-                f"supported are {', '.join(t.__name__ for t in SUPPORTED_OWNERS)} layers "
-                "(LoRA A/B, Fed-SB's R, linear heads)"
-            )
-
-
-# --- grad-sample modes -----------------------------------------------------------------------
-
-
-class _PerSequenceCriterion(nn.Module):
-    """Ghost clipping's criterion: it needs the per-example losses (``reduction='none'``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reduction = "mean"
-
-    def forward(self, per_sequence: torch.Tensor) -> torch.Tensor:
-        return per_sequence if self.reduction == "none" else per_sequence.mean()
-
-
-class _PerSampleGradients:
-    """Opacus materialises each example's gradient (hooks or functorch), then clips."""
-
-    ghost = False
-
-    def __init__(self, opacus_mode: str) -> None:
-        self.opacus_mode = opacus_mode
-
-    def backward(self, per_sequence: torch.Tensor, criterion: Any) -> None:
-        # mean over the *actual* rows: Opacus's hooks scale back by that count, so each
-        # per-sample gradient is exactly that sequence's gradient
-        per_sequence.mean().backward()
-
-    def prepare_noise_only(self, optimizer: Any) -> None:
-        for param in optimizer.params:
-            param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
-
-
-class _GhostClipping:
-    """Per-example gradient *norms* only (two backward passes), no per-example gradients."""
-
-    ghost = True
-    opacus_mode = "ghost"
-
-    def backward(self, per_sequence: torch.Tensor, criterion: Any) -> None:
-        criterion(per_sequence).backward()  # Opacus's loss wrapper runs both passes
-
-    def prepare_noise_only(self, optimizer: Any) -> None:
-        for param in optimizer.params:
-            param.grad = torch.zeros_like(param)  # the clipped sum of no examples
-
-
-#: ``dp-grad-sample-mode`` -> how per-example clipping is computed. Opacus's "ew"
-#: (ExpandedWeights) mode needs ``wrap_model=True`` and a positional input, which a
-#: transformers model called by keyword does not give it; simulations/bench_dp.py
-#: measures it separately.
-GRAD_SAMPLE_MODES: dict[str, _PerSampleGradients | _GhostClipping] = {
-    "hooks": _PerSampleGradients("hooks"),
-    "functorch": _PerSampleGradients("functorch"),
-    "ghost": _GhostClipping(),
-}
-
-
-def check_grad_sample_mode(name: str) -> None:
-    if name not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"unknown dp-grad-sample-mode {name!r}; valid: {', '.join(sorted(GRAD_SAMPLE_MODES))}")
 
 
 # --- one round ---------------------------------------------------------------------------------
@@ -315,7 +208,7 @@ class OpacusDPSGD:
             made = engine.make_private(
                 module=model,
                 optimizer=optimizer,
-                criterion=_PerSequenceCriterion(),
+                criterion=PerSequenceCriterion(),
                 data_loader=loader,
                 noise_multiplier=self.config.noise_multiplier,
                 max_grad_norm=self.config.max_grad_norm,
@@ -352,10 +245,10 @@ class OpacusDPSGD:
 
 
 class _Session:
-    """The trainer's view of one attached round (``client.trainer.PrivateSession``)."""
+    """The trainer's view of one attached round (``core.trainer.PrivateSession``)."""
 
     def __init__(self, *, hook: OpacusDPSGD, engine: Any, hooks: Any, optimizer: Any, criterion: Any,
-                 loader: DataLoader, mode: _PerSampleGradients | _GhostClipping) -> None:
+                 loader: DataLoader, mode: PerSampleGradients | GhostClipping) -> None:
         self.hook = hook
         self.engine = engine
         self.hooks = hooks

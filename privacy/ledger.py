@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 def dataset_fingerprint(examples: Sequence[Any]) -> str:
     """sha256 over the sorted per-example digests: the same data in any order matches.
 
-    Examples are anything with ``prompt`` and ``response`` (``client.data.Example``).
+    Examples are anything with ``prompt`` and ``response`` (``core.data.Example``).
     Duplicates count, since each copy is a record that can be sampled.
     """
     digests = sorted(

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.config import RunConfig
 from privacy.accounting import check_accountant
 from privacy.budget import check_policy
 from privacy.central import check_central_dp
-from privacy.dpsgd import check_grad_sample_mode
+from privacy.opacus_support import check_grad_sample_mode
 
 DEFAULT_DELTA = 1e-5
 
@@ -77,7 +78,7 @@ class DPSettings:
     def ledger_directory(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir).expanduser()
-        from client.presets import cache_dir  # the project's cache (FEDLORA_CACHE overrides)
+        from core.presets import cache_dir  # the project's cache (FEDLORA_CACHE overrides)
 
         return cache_dir() / "privacy"
 
@@ -153,6 +154,18 @@ def local_dp(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | Non
     values.update(node_overrides(node_config or {}))
     settings = DPSettings(**values)
     return settings if settings.enabled else None
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Flower's run config -> a RunConfig whose every key, dp-* included, is checked.
+
+    Every entry point (the CLI, the ServerApp, the ClientApp) reads its run config
+    through here: ``RunConfig`` checks the keys ``core`` knows the meaning of, and this
+    adds the dp-* ones, which only ``privacy`` interprets.
+    """
+    cfg = RunConfig.from_flower(run_config)
+    check_run_config(cfg.to_flower())
+    return cfg
 
 
 def check_run_config(run_config: Mapping[str, Any]) -> None:

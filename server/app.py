@@ -15,10 +15,11 @@ from pathlib import Path
 
 import aggregation
 from aggregation import ModelSpec
-from client.data import load_examples, split_heldout
-from client.model import module_shapes
-from client.presets import load_base
-from server.config import RunConfig
+from core.data import load_examples, split_heldout
+from core.model import module_shapes
+from core.presets import load_base
+from core.config import RunConfig
+from privacy.settings import parse_run_config
 from server.db.session import open_database
 from server.evaluate import ServerEvaluator, TimedEval
 from server.recording import RecordingStrategy, RunRecorder
@@ -47,7 +48,7 @@ def build_evaluator(cfg: RunConfig, base) -> callable:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(context.run_config)
+    cfg = parse_run_config(context.run_config)
     recorder = RunRecorder(open_database(cfg.database_url))
     flower = cfg.to_flower()
     if cfg.resume_run_id:
@@ -117,12 +118,17 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder, run_id: int) -> Record
     )
 
 
-def make_aggregator(cfg: RunConfig, base) -> aggregation.Aggregator:
-    """The configured aggregator; Fed-SB gets its LoRA-SB init from public calibration data."""
+def make_aggregator(cfg: RunConfig, base, *, calibrate: bool = True) -> aggregation.Aggregator:
+    """The configured aggregator; Fed-SB gets its LoRA-SB init from public calibration data.
+
+    ``calibrate=False`` (the CLI's pre-start check) builds it without running the
+    calibration, which the ServerApp runs once for real.
+    """
     kwargs = cfg.aggregator_kwargs
-    if cfg.calibration_data:
-        if cfg.aggregator != "fed-sb":
-            raise ValueError(f"calibration-data is only used by fed-sb, not {cfg.aggregator!r}")
+    if cfg.calibration_data and not aggregation.get_class(cfg.aggregator).accepts_calibration:
+        takers = [n for n in aggregation.names() if aggregation.get_class(n).accepts_calibration]
+        raise ValueError(f"calibration-data is only used by {', '.join(takers)}, not {cfg.aggregator!r}")
+    if cfg.calibration_data and calibrate:
         import copy
 
         from server.calibration import lora_sb_calibration

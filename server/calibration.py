@@ -17,9 +17,9 @@ import torch
 
 from aggregation.base import Tensors
 from aggregation.fed_sb import lora_sb_init
-from client.data import Example, collate
-from client.model import target_modules
-from client.trainer import TrainConfig, batches, sequence_loss
+from core.data import Example, collate
+from core.model import target_modules
+from core.trainer import TrainConfig, batches, sequence_loss
 
 
 def lora_sb_calibration(

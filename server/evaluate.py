@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from aggregation.base import Tensors
-from client.data import Example
-from client.model import fold_into_base
-from client.trainer import EvalResult, evaluate
+from core.data import Example
+from core.model import fold_into_base
+from core.trainer import EvalResult, evaluate
 
 
 @dataclass(frozen=True)

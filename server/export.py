@@ -21,7 +21,6 @@ over them.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from dataclasses import dataclass
@@ -36,10 +35,9 @@ import aggregation
 from aggregation.base import Tensors
 from aggregation.linalg import stack_lowrank
 from aggregation.lowrank import lowrank_svd
-from client.model import fold_into_base, target_modules
-from client.presets import load_base
+from core.model import fold_into_base, target_modules
+from core.presets import load_base
 from server import checkpoint as ckpt
-from server.config import default_db_url
 from server.db.models import Run
 from server.db.session import open_database
 from server.recording import latest_checkpoint_row
@@ -162,36 +160,3 @@ def export_run(db_url: str, run_id: int, out: Path, *, rank: int | None = None, 
         {"run_id": run_id, "round": checkpoint.round, "aggregator": checkpoint.aggregator, "kind": result.kind,
          "rank": result.rank, "relative_error": result.relative_error, "model": config["model"]}, indent=2))
     return result
-
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a run's global model as a PEFT adapter (or merged model)")
-    p.add_argument("run_id", type=int)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--db", default=None)
-    p.add_argument("--rank", type=int, default=None, help="truncate by SVD to this rank (default: exact)")
-    p.add_argument("--merged", action="store_true", help="save the base model with the update folded in")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files are replaced)")
-
-
-def export_command(args: argparse.Namespace) -> int:
-    from server.cli import console
-
-    result = export_run(args.db or default_db_url(), args.run_id, args.out, rank=args.rank, merged=args.merged,
-                        force=args.force)
-    if result.kind == "merged":
-        console.print(f"merged model written to {result.path}")
-    else:
-        console.print(f"PEFT LoRA adapter (rank {result.rank}) written to {result.path}")
-        console.print(f"relative approximation error ||exported - accumulated||_F / ||accumulated||_F: "
-                      f"{result.relative_error:.6f}" + (" (exact)" if result.relative_error == 0 else ""))
-    return 0
-
-
-def register() -> None:
-    from server.cli import register_command
-
-    register_command("export", _add_export, export_command)
-
-
-register()

@@ -1,23 +1,21 @@
 """Run reports from the database: a terminal table, PNG plots and one HTML page.
 
-``fedlora report RUN_ID [RUN_ID ...] --out DIR`` reads only the database, so it works
+``fedlora report RUN_ID [RUN_ID ...] --out DIR`` (``cli.report``) reads only the database, so it works
 on finished runs and on runs still going (it shows the rounds written so far).
 Several runs are drawn side by side on the same axes.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.config import default_db_url
-from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
+from server.db import read
+from server.db.models import Run
 from server.db.session import open_database
 
 
@@ -63,7 +61,7 @@ def load_series(session: Session, run_id: int) -> RunSeries:
     if run is None:
         raise ValueError(f"run {run_id} is not in the database")
     series = RunSeries(run_id=run.id, aggregator=run.aggregator, model=run.model, status=run.status)
-    for r in session.scalars(select(RoundRecord).where(RoundRecord.run_id == run_id).order_by(RoundRecord.number)):
+    for r in read.rounds(session, run_id):
         series.rounds.append(r.number)
         series.train_loss.append(r.train_loss)
         series.relative_error.append(r.relative_error)
@@ -72,15 +70,12 @@ def load_series(session: Session, run_id: int) -> RunSeries:
         series.clients_ok.append(r.num_aggregated)
         series.clients_sampled.append(r.num_sampled)
         series.seconds.append((r.finished_at - r.started_at).total_seconds())
-    for e in session.scalars(select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.round_number)):
+    for e in read.evaluations(session, run_id):
         series.eval_rounds.append(e.round_number)
         series.eval_loss.append(e.loss)
         series.eval_ppl.append(e.perplexity)
-    for u in session.scalars(select(ClientUpdateRecord).where(ClientUpdateRecord.run_id == run_id)
-                             .order_by(ClientUpdateRecord.round_number)):
-        eps = (u.metrics or {}).get("dp-epsilon")
-        if eps is not None:
-            series.epsilon.setdefault(u.node_id, []).append((u.round_number, float(eps)))
+    for node, points in read.epsilon_points(read.client_updates(session, run_id)).items():
+        series.epsilon[node] = [(number, eps) for number, eps, _ in points]
     return series
 
 
@@ -187,36 +182,3 @@ def build_report(db_url: str, run_ids: list[int], out: Path) -> tuple[list[RunSe
         series = [load_series(session, run_id) for run_id in run_ids]
     plots = make_plots(series, out)
     return series, write_html(series, plots, out)
-
-
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="summary table, PNG plots and an HTML page for one or more runs")
-    p.add_argument("run_ids", type=int, nargs="+")
-    p.add_argument("--out", type=Path, default=None, help="default: runs/report-<ids>")
-    p.add_argument("--db", default=None)
-
-
-def report_command(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from server.cli import console
-
-    out = args.out or Path("runs") / f"report-{'-'.join(map(str, args.run_ids))}"
-    series, page = build_report(args.db or default_db_url(), args.run_ids, out)
-    table = Table(title="fedlora runs")
-    for col in SUMMARY_COLUMNS:
-        table.add_column(col)
-    for s in series:
-        table.add_row(*summary_row(s))
-    console.print(table)
-    console.print(f"plots and HTML report: {page}")
-    return 0
-
-
-def register() -> None:
-    from server.cli import register_command
-
-    register_command("report", _add_report, report_command)
-
-
-register()

@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
+from aggregation.base import check_rank
 from aggregation.diagnostics import relative_error
 from server.rounds import (
     CLIENT_STATUSES,
@@ -47,7 +48,7 @@ from server.rounds import (
     utcnow,
 )
 from server.validation import UpdateLimits, check_size, check_update, norm_outliers
-from server.wire import (
+from core.wire import (
     PayloadError,
     merges_to_record,
     record_bytes,
@@ -126,8 +127,7 @@ class LoraStrategy(Strategy):
             raise ValueError(f"query failed: {reply.error.reason}")
         info = reply.content["info"]
         rank, alpha = int(info["rank"]), float(info["alpha"])
-        if not 1 <= rank <= self.spec.max_rank:
-            raise ValueError(f"rank {rank} outside 1..{self.spec.max_rank}")
+        check_rank(rank, self.spec.max_rank)
         key = str(reply.content["identity"]["node-key"]) if "identity" in reply.content.config_records else ""
         key = key or str(reply.metadata.src_node_id)
         holder = next((n for n, s in self.nodes.items() if s.key == key and n != reply.metadata.src_node_id), None)

@@ -13,7 +13,7 @@ import numpy as np
 
 from aggregation import Aggregator, ClientUpdate, ModelSpec, Tensors
 from aggregation.base import expected_shapes
-from server.wire import PayloadError
+from core.wire import PayloadError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -99,10 +99,10 @@ def worker(
 
     import torch
 
-    from client.data import Example
-    from client.model import AdaptedModel, AdapterSpec
-    from client.presets import load_base
-    from client.trainer import TrainConfig, device, sequence_losses, to_device
+    from core.data import Example
+    from core.model import AdaptedModel, AdapterSpec
+    from core.presets import load_base
+    from core.trainer import TrainConfig, device, sequence_losses, to_device
     from privacy.dpsgd import DPSGDConfig, OpacusDPSGD
 
     if threads:

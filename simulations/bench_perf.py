@@ -69,7 +69,7 @@ def wire_overhead() -> dict:
 
     from aggregation import ClientUpdate
     from server.strategy import LoraStrategy
-    from tests.server.fakes import FakeGrid, task_identity
+    from server.local_grid import FakeGrid, task_identity
 
     task_identity()
     # SmolLM2-135M: 30 layers, q 576x576, v 192x576
@@ -124,7 +124,7 @@ def db_write_time(url: str, repeats: int = 20) -> dict:
 
 def simulate(args: list[str], workdir: Path) -> tuple[int, float]:
     """Run `fedlora simulate` in a subprocess; returns (exit code, peak RSS MB of the tree)."""
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "simulate", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "simulate", *args], cwd=ROOT,
                             stdout=open(workdir / "simulate.log", "w"), stderr=subprocess.STDOUT)
     peak = 0.0
     root = psutil.Process(proc.pid)
@@ -196,7 +196,7 @@ DEPLOY_RUN = ["--set", "model=tiny", "--set", "max-rank=16", "--set", "eval-exam
 
 def _fedlora(args: list, log: Path) -> subprocess.Popen:
     with log.open("wb") as fh:  # own process group: stopped as a whole
-        return subprocess.Popen([sys.executable, "-m", "server.cli", *map(str, args)], cwd=ROOT, stdout=fh,
+        return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -244,7 +244,7 @@ def deployment_latency(workdir: Path, quick: bool) -> dict:
 
     from server.db.models import Run
     from server.db.session import open_database
-    from server.simulation import free_port
+    from cli.local_superlink import free_port
 
     root = workdir / "deployment"
     root.mkdir()

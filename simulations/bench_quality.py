@@ -29,12 +29,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import aggregation
-from client.data import load_examples, partition, split_heldout
-from client.model import AdaptedModel, AdapterSpec
-from client.presets import load_base
-from client.trainer import TrainConfig, evaluate, train
-from server.cli import main as cli_main
-from server.config import parse_ranks
+from aggregation.base import WeightedSum
+from core.data import load_examples, partition, split_heldout
+from core.model import AdaptedModel, AdapterSpec
+from core.presets import load_base
+from core.trainer import TrainConfig, evaluate, train
+from cli.app import main as cli_main
+from core.config import parse_ranks
 from server.db.models import Run
 from server.db.session import open_database
 from server.report import load_series
@@ -43,7 +44,8 @@ DEFAULT = dict(model="smollm2", num_clients=6, clients_per_round=3, rounds=3, lo
                max_rank=16, lr=1e-3, eval_examples=48, max_seq_len=64, partition="dirichlet:0.5", batch_size=8)
 QUICK = dict(model="tiny", num_clients=3, clients_per_round=3, rounds=2, local_steps=2, ranks="2,4,8",
              max_rank=8, lr=0.05, eval_examples=8, max_seq_len=48, partition="dirichlet:0.5", batch_size=4)
-DP_AGGREGATORS = ("fedavg", "ffa-lora", "fed-sb")
+# the methods whose aggregate is a weighted sum (the capability their classes declare)
+DP_AGGREGATORS = tuple(n for n in aggregation.names() if isinstance(aggregation.get_class(n).weighted_sum, WeightedSum))
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from aggregation.base import ClientUpdate
 from aggregation.hetlora import sparsity_weights
 from aggregation.linalg import example_weights
 from aggregation.lora_fair import closed_form_correction, iter_folded
-from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
-from tests.aggregation.helpers_extra import applied
+from tests.aggregation.harness import MODULES, applied, ideal, random_updates, spec
 
 MAX_RANK = 8
 METHODS = ["fedavg", "fedex-lora", "hetlora", "lora-fair"]

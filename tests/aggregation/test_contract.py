@@ -15,13 +15,16 @@ from hypothesis import strategies as st
 
 import aggregation
 from aggregation import ClientInfo
-from tests.aggregation.helpers import random_updates, spec
-from tests.aggregation.helpers_extra import assert_same_tree, snapshot
-from tests.aggregation.helpers_sb import assert_serialisable, b_only_updates, sb_updates
+from aggregation.base import WeightedSum
+from tests.aggregation.harness import (
+    UPLOADS,
+    assert_same_tree,
+    assert_serialisable,
+    snapshot,
+    spec,
+)
 
 MAX_RANK = 6  # Fed-SB needs max_rank <= the smallest module dimension (6)
-# which uploads to fabricate, keyed by what an aggregator declares it receives
-UPLOADS = {frozenset({"A", "B"}): random_updates, frozenset({"B"}): b_only_updates, frozenset({"R"}): sb_updates}
 METHODS = [(name, {}) for name in aggregation.names()] + [("lora-fair", {"solver": "paper"})]
 IDS = [name + "".join(f"-{v}" for v in options.values()) for name, options in METHODS]
 
@@ -29,6 +32,21 @@ IDS = [name + "".join(f"-{v}" for v in options.values()) for name, options in ME
 def test_every_uplink_has_an_update_maker():
     for name in aggregation.names():
         assert aggregation.create(name).uplink in UPLOADS, name
+
+
+@pytest.mark.parametrize("name", aggregation.names())
+def test_capabilities_are_declared_on_the_class(name):
+    # central DP and the calibration check read these, never a table of names elsewhere
+    cls = aggregation.get_class(name)
+    assert isinstance(cls.weighted_sum, WeightedSum) or (isinstance(cls.weighted_sum, str) and cls.weighted_sum)
+    assert isinstance(cls.accepts_calibration, bool)
+    if isinstance(cls.weighted_sum, WeightedSum):  # the coverage names only factors it uploads
+        assert set(cls.weighted_sum.coverage) <= cls.uplink
+
+
+def test_a_malformed_weighted_sum_is_refused_naming_it():
+    with pytest.raises(ValueError, match="'diagonal'"):
+        WeightedSum(coverage={"A": "diagonal"}, renormalised=False)
 
 
 @pytest.mark.parametrize(("name", "options"), METHODS, ids=IDS)

@@ -10,14 +10,15 @@ from aggregation.diagnostics import relative_error
 from aggregation.fed_sb import lora_sb_init
 from aggregation.linalg import dense
 from aggregation.lowrank import random_orthonormal
-from tests.aggregation.helpers import MODULES, spec
-from tests.aggregation.helpers_sb import (
+from tests.aggregation.harness import (
+    MODULES,
     assert_serialisable,
     assert_tensors_equal,
     deep_copy,
     eckart_young_tail,
-    example_p,
     sb_updates,
+    spec,
+    weights,
 )
 
 MAX_RANK = 6  # layer0.v is 6 x 10: orthonormal bases need max_rank <= 6
@@ -32,7 +33,7 @@ def dense_ideal(state, updates, module):
     b, a = _frozen(state)[module]
     return sum(
         pk * u.scale * b[:, : u.rank] @ u.tensors[module]["R"] @ a[: u.rank]
-        for pk, u in zip(example_p(updates), updates)
+        for pk, u in zip(weights(updates), updates)
     )
 
 
@@ -50,7 +51,7 @@ def projector_reference(state, updates, module):
             return np.zeros_like(d)
         return b[:, :q] @ b[:, :q].T @ d @ a[:q].T @ a[:q]
 
-    p = example_p(updates)
+    p = weights(updates)
     dense_k = [u.scale * b[:, : u.rank] @ u.tensors[module]["R"] @ a[: u.rank] for u in updates]
     old = b @ state.factors[module]["R"] @ a
     shells = sorted({u.rank for u in updates})
@@ -116,7 +117,7 @@ def test_mixed_ranks_entries_follow_the_documented_rule():
     agg = create("fed-sb", initial=random_initial(1))
     state = agg.init_state(spec(MAX_RANK))
     updates = sb_updates(2, [2, 4, 4])
-    p = example_p(updates)
+    p = weights(updates)
     new = agg.aggregate(state, updates).state
     for name in MODULES:
         r_new, r_old = new.factors[name]["R"], state.factors[name]["R"]

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from aggregation import ClientInfo, create
 from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
-from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
+from tests.aggregation.harness import MODULES, ideal, random_updates, spec
 
 
 def _aggregate(updates, max_rank=8):

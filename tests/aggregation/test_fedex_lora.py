@@ -5,12 +5,7 @@ from hypothesis import strategies as st
 from aggregation import ClientInfo, create
 from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
-from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
-from tests.aggregation.helpers_extra import (
-    applied,
-    assert_same_tree,
-    rescaled,
-)
+from tests.aggregation.harness import MODULES, applied, assert_same_tree, ideal, random_updates, rescaled, spec
 
 ranks_st = st.lists(st.integers(1, 8), min_size=1, max_size=6)
 

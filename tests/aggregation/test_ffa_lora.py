@@ -7,12 +7,7 @@ from hypothesis import strategies as st
 from aggregation import ClientInfo, ClientUpdate, create
 from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
-from tests.aggregation.helpers import MODULES, spec
-from tests.aggregation.helpers_sb import (
-    assert_serialisable,
-    b_only_updates,
-    example_p,
-)
+from tests.aggregation.harness import MODULES, assert_serialisable, b_only_updates, spec, weights
 
 
 def dense_ideal(state, updates, module):
@@ -20,7 +15,7 @@ def dense_ideal(state, updates, module):
     a = state.factors[module]["A"]
     return sum(
         pk * u.scale * u.tensors[module]["B"] @ a[: u.rank]
-        for pk, u in zip(example_p(updates), updates)
+        for pk, u in zip(weights(updates), updates)
     )
 
 
@@ -92,7 +87,7 @@ def test_zero_padding_shrinks_columns_by_the_weight_of_the_clients_that_have_the
         ClientUpdate(c.node_id, 10 * (i + 1), c.rank, c.alpha, agg.downlink(state, c).adapter)
         for i, c in enumerate(clients)
     ]
-    p = example_p(updates)
+    p = weights(updates)
     new = agg.aggregate(state, updates).state
     for name in MODULES:
         old_b, new_b = state.factors[name]["B"], new.factors[name]["B"]

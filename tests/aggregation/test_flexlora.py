@@ -9,11 +9,7 @@ from aggregation import ClientInfo, create
 from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
 from aggregation.lowrank import lowrank_svd, truncated_factors
-from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
-from tests.aggregation.helpers_sb import (
-    assert_serialisable,
-    eckart_young_tail,
-)
+from tests.aggregation.harness import MODULES, assert_serialisable, eckart_young_tail, ideal, random_updates, spec
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,11 +6,14 @@ from hypothesis import strategies as st
 from aggregation import ClientInfo, create
 from aggregation.diagnostics import relative_error
 from aggregation.linalg import dense
-from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
-from tests.aggregation.helpers_extra import (
+from tests.aggregation.harness import (
+    MODULES,
     applied,
     assert_same_tree,
+    ideal,
+    random_updates,
     rescaled,
+    spec,
     weights,
     with_alpha,
 )

@@ -6,11 +6,7 @@ from hypothesis import strategies as st
 
 from aggregation import ClientInfo, create
 from aggregation.hetlora import sparsity_weights
-from tests.aggregation.helpers import MODULES, random_updates, spec
-from tests.aggregation.helpers_sb import (
-    assert_serialisable,
-    example_p,
-)
+from tests.aggregation.harness import MODULES, assert_serialisable, random_updates, spec, weights
 
 
 def dense_norm(u, name):
@@ -37,7 +33,7 @@ def test_aggregate_is_the_norm_weighted_mean_over_each_components_holders(seed, 
     start = agg.init_state(spec(8))
     updates = random_updates(seed, ranks)
     new = agg.aggregate(start, updates).state
-    p = example_p(updates)
+    p = weights(updates)
     for name in MODULES:
         raw = np.array([dense_norm(u, name) for u in updates]) * (p if by_examples else 1.0)
         w = raw / raw.sum()

@@ -12,12 +12,7 @@ from aggregation.lora_fair import (
     frobenius_step,
     paper_correction,
 )
-from tests.aggregation.helpers import MODULES, ideal, random_updates, spec
-from tests.aggregation.helpers_extra import (
-    cosine,
-    rescaled,
-    row_space_lower_bound,
-)
+from tests.aggregation.harness import MODULES, cosine, ideal, random_updates, rescaled, row_space_lower_bound, spec
 
 ranks_st = st.lists(st.integers(1, 8), min_size=1, max_size=6)
 

@@ -14,8 +14,7 @@ import pytest
 
 import aggregation
 from aggregation.diagnostics import relative_error
-from tests.aggregation.helpers import random_updates, spec
-from tests.aggregation.helpers_sb import b_only_updates, sb_updates
+from tests.aggregation.harness import b_only_updates, random_updates, sb_updates, spec
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MAX_RANK = 6  # Fed-SB needs max_rank <= the smallest module dimension (6)

@@ -5,7 +5,7 @@ import pytest
 
 import aggregation
 from aggregation.serialize import from_tree, to_tree
-from tests.aggregation.helpers import random_updates, spec
+from tests.aggregation.harness import random_updates, spec
 
 
 def _equal(a, b):
@@ -32,7 +32,7 @@ def test_every_aggregator_state_round_trips_bitwise(name):
 
 def _r_updates():
     from aggregation.base import ClientUpdate
-    from tests.aggregation.helpers import MODULES
+    from tests.aggregation.harness import MODULES
 
     rng = np.random.default_rng(0)
     return [ClientUpdate(node_id=f"n{i}", num_examples=5, rank=r, alpha=8.0,

@@ -7,7 +7,6 @@ received the first run's submission (or none at all).
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -26,7 +25,7 @@ ARGS = ["simulate", "--model", "tiny", "--num-clients", "2", "--clients-per-roun
 def test_two_simulations_in_one_directory_both_complete(tmp_path):
     procs = []
     for name in ("a", "b"):
-        command = [sys.executable, "-m", "server.cli", *ARGS, "--db", f"sqlite:///{tmp_path}/{name}.db"]
+        command = [sys.executable, "-m", "cli", *ARGS, "--db", f"sqlite:///{tmp_path}/{name}.db"]
         log = open(tmp_path / f"{name}.out", "wb")
         procs.append((name, subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)))
         log.close()

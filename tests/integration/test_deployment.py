@@ -38,19 +38,19 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.data import load_examples
-from server.certs import generate_node_keys, generate_tls, load_node_public_key, probe
-from server.cli import PROJECT_ROOT
+from core.data import load_examples
+from cli.certs import generate_node_keys, generate_tls, load_node_public_key, probe
+from cli import APP_DIR as PROJECT_ROOT
 from server.db.models import ClientUpdateRecord, Evaluation, Run
 from server.db.session import open_database, scratch_schema
-from server.enrollment import NodeRegistry
-from server.launch import write_connection
-from server.simulation import free_port
+from cli.node_registry import NodeRegistry
+from cli.flower import write_connection
+from cli.local_superlink import free_port
 from tests.postgres import POSTGRES_URL, unreachable_reason
 
 pytestmark = pytest.mark.integration
 
-FEDLORA = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
+FEDLORA = [sys.executable, "-c", "import sys; from cli.app import main; sys.exit(main())"]
 RANKS = {"node-1": 2, "node-2": 4}
 RUN_ARGS = ["--rounds", "2", "--set", "model=tiny", "--set", "max-rank=16", "--set", "ranks=2,4",
             "--set", "eval-examples=8", "--set", "local-steps=2", "--set", "max-seq-len=48",

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server import checkpoint as ckpt
-from server.cli import main
+from cli.app import main
 from server.db.models import (
     CheckpointRecord,
     ClientUpdateRecord,
@@ -75,7 +75,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert main([*ARGS, "--db", clean_db, "--home", str(tmp_path / "h1"), "--checkpoint-dir", str(tmp_path / "c1")]) == 0
 
     db = f"sqlite:///{tmp_path}/killed.db"
-    cmd = [sys.executable, "-m", "server.cli", *ARGS, "--db", db, "--home", str(tmp_path / "h2"),
+    cmd = [sys.executable, "-m", "cli", *ARGS, "--db", db, "--home", str(tmp_path / "h2"),
            "--checkpoint-dir", str(tmp_path / "c2")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -125,7 +125,7 @@ def test_sigterm_stops_every_process_and_leaves_a_resumable_run(tmp_path):
     # simulation and Ray down with it, and mark the run as interrupted (not "running")
     db = f"sqlite:///{tmp_path}/term.db"
     args = [a if a != "4" else "200" for a in ARGS]  # far more rounds than the test waits for
-    cmd = [sys.executable, "-m", "server.cli", *args, "--db", db, "--home", str(tmp_path / "h"),
+    cmd = [sys.executable, "-m", "cli", *args, "--db", db, "--home", str(tmp_path / "h"),
            "--checkpoint-dir", str(tmp_path / "c")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.cli import main
+from cli.app import main
 from server.db.models import ClientUpdateRecord, Evaluation, Run
 from server.db.session import open_database
 

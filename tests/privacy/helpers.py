@@ -8,9 +8,9 @@ import functools
 import numpy as np
 import torch
 
-from client.data import Example, load_examples
-from client.model import AdaptedModel, AdapterSpec, module_shapes
-from client.presets import BaseModel, load_base
+from core.data import Example, load_examples
+from core.model import AdaptedModel, AdapterSpec, module_shapes
+from core.presets import BaseModel, load_base
 
 TARGETS = ("q_proj", "v_proj")
 

@@ -12,7 +12,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from client.trainer import TrainConfig, train
+from core.trainer import TrainConfig, train
 from privacy.accounting import (
     affordable_steps,
     calibrate_noise,
@@ -21,7 +21,7 @@ from privacy.accounting import (
     epsilon,
     make_accountant,
 )
-from privacy.client import private_round
+from privacy.private_round import private_round
 from privacy.ledger import LedgerState, NoisePlan, PrivacyLedger, dataset_fingerprint
 from privacy.settings import DPSettings
 from tests.privacy.helpers import adapted, examples, tiny

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from privacy.accounting import compose, epsilon
-from privacy.client import PrivateRound
+from privacy.private_round import PrivateRound
 from privacy.ledger import PrivacyLedger, dataset_fingerprint
 from privacy.settings import DPSettings
 from tests.privacy.helpers import examples

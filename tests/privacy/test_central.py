@@ -9,7 +9,11 @@ import pytest
 
 import aggregation
 from aggregation.base import Aggregator, ClientInfo, ClientUpdate, ModelSpec, ModuleShape
-from privacy.central import SUM_AGGREGATORS, CentralDP, check_central_dp, clip_update, folded_delta_norm
+from aggregation.base import WeightedSum
+from privacy.central import CentralDP, check_central_dp, clip_update, folded_delta_norm
+
+# the capability each class declares, not a name table
+SUM_AGGREGATORS = [n for n in aggregation.names() if isinstance(aggregation.get_class(n).weighted_sum, WeightedSum)]
 
 MODULES = {"layer0.q": ModuleShape(d_out=12, d_in=10), "layer0.v": ModuleShape(d_out=6, d_in=10)}
 SPEC = ModelSpec(modules=MODULES, max_rank=4, seed=0)
@@ -129,16 +133,18 @@ def test_non_sum_aggregators_are_refused_with_the_reason(name):
 
 
 def test_central_dp_is_refused_for_flora_in_the_run_config():
-    from server.config import RunConfig
+    from core.config import RunConfig
+    from privacy.settings import parse_run_config
 
     with pytest.raises(ValueError, match="concatenation"):
-        RunConfig(aggregator="flora", dp_central_clip=1.0, dp_central_noise=1.0)
-    assert RunConfig(aggregator="fed-sb", dp_central_clip=1.0, dp_central_noise=1.0).dp_central_clip == 1.0
+        parse_run_config(RunConfig(aggregator="flora", dp_central_clip=1.0, dp_central_noise=1.0).to_flower())
+    assert parse_run_config(RunConfig(aggregator="fed-sb", dp_central_clip=1.0,
+                                      dp_central_noise=1.0).to_flower()).dp_central_clip == 1.0
 
 
 def test_make_aggregator_wraps_only_when_central_dp_is_configured():
     from server.app import make_aggregator
-    from server.config import RunConfig
+    from core.config import RunConfig
 
     plain = make_aggregator(RunConfig(aggregator="ffa-lora"), base=None)
     wrapped = make_aggregator(RunConfig(aggregator="ffa-lora", dp_central_clip=0.1, dp_central_noise=1.0), base=None)

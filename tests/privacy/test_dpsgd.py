@@ -9,17 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.data import collate
-from client.trainer import TrainConfig, batches, sequence_loss, sequence_losses, train
+from core.data import collate
+from core.trainer import TrainConfig, batches, sequence_loss, sequence_losses, train
 from privacy.accounting import History, check_history, compose
-from privacy.dpsgd import (
-    GRAD_SAMPLE_MODES,
-    DPIncompatibleError,
-    DPSGDConfig,
-    OpacusDPSGD,
-    check_dp_compatible,
-    poisson_sample_rate,
-)
+from privacy.dpsgd import DPSGDConfig, OpacusDPSGD, poisson_sample_rate
+from privacy.opacus_support import GRAD_SAMPLE_MODES, DPIncompatibleError, check_dp_compatible
 from tests.privacy.helpers import adapted, examples, tiny, trainable_vector
 
 MAX_LEN = 48

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from privacy.settings import DPSettings, local_dp
-from server.cli import main
-from server.config import RunConfig
+from privacy.settings import DPSettings, local_dp, parse_run_config
+from cli.app import main
+from core.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_node_config_may_not_touch_central_dp_or_pass_nonsense():
 )
 def test_bad_dp_values_are_named(kwargs, needle):
     with pytest.raises(ValueError) as err:
-        RunConfig(**kwargs)
+        parse_run_config(RunConfig(**kwargs).to_flower())
     assert needle in str(err.value)
 
 

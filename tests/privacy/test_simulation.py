@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.data import load_examples, partition, split_heldout
+from core.data import load_examples, partition, split_heldout
 from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger, dataset_fingerprint
-from server.cli import main
+from cli.app import main
 from server.db.models import ClientUpdateRecord, Run
 from server.db.session import open_database
 

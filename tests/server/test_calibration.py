@@ -3,11 +3,11 @@ import copy
 import numpy as np
 import pytest
 
-from client.data import load_examples
-from client.presets import load_base
+from core.data import load_examples
+from core.presets import load_base
 from server.app import make_aggregator
 from server.calibration import lora_sb_calibration
-from server.config import RunConfig
+from core.config import RunConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ from sqlalchemy.orm import Session
 
 import aggregation
 from aggregation.base import ModelSpec
-from client.model import module_shapes
-from client.presets import load_base
+from core.model import module_shapes
+from core.presets import load_base
 from server import checkpoint as ckpt
 from server.db.models import CheckpointRecord, Run
 from server.db.session import open_database
 from server.recording import RecordingStrategy, RunRecorder
 from server.rounds import RoundReport
-from tests.aggregation.helpers import random_updates, spec
+from tests.aggregation.harness import random_updates, spec
 
 
 def _checkpoint(round_=3):

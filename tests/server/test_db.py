@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from client.trainer import EvalResult
+from core.trainer import EvalResult
 from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
 from server.db.session import SCHEMA_VERSION, DatabaseError, open_database, scratch_schema, upgrade
 from server.evaluate import TimedEval

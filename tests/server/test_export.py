@@ -9,10 +9,10 @@ from peft import PeftModel
 
 import aggregation
 from aggregation.base import ModelSpec
-from client.model import module_shapes
-from client.presets import load_base
+from core.model import module_shapes
+from core.presets import load_base
 from server import checkpoint as ckpt
-from server.cli import main
+from cli.app import main
 from server.db.session import open_database
 from server.export import export_run, platform_model
 from server.recording import RunRecorder, SavedCheckpoint

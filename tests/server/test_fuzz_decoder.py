@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 import aggregation
 from aggregation import ModelSpec, ModuleShape
 from server.strategy import LoraStrategy
-from server.wire import PayloadError, record_to_tensors
-from tests.server.fakes import FakeGrid, reply_from, task_identity
+from core.wire import PayloadError, record_to_tensors
+from server.local_grid import FakeGrid, reply_from, task_identity
 
 SHAPES = {"l0.q": ModuleShape(8, 6)}
 dtypes = st.sampled_from(["float32", "float16", "float64", "<f4", "int8", "bogus", "", "object", "V8"])

@@ -1,7 +1,7 @@
 from datetime import datetime, timedelta
 
-from client.trainer import EvalResult
-from server.cli import main
+from core.trainer import EvalResult
+from cli.app import main
 from server.db.session import open_database
 from server.evaluate import TimedEval
 from server.recording import RunRecorder

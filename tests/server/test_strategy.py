@@ -7,13 +7,13 @@ from aggregation import ClientUpdate, ModelSpec, ModuleShape
 from server.rounds import InsufficientReplies
 from server.strategy import LoraStrategy
 from server.validation import UpdateLimits, check_update
-from server.wire import (
+from core.wire import (
     PayloadError,
     record_to_merges,
     record_to_tensors,
     tensors_to_record,
 )
-from tests.server.fakes import FakeGrid, reply_from, task_identity
+from server.local_grid import FakeGrid, reply_from, task_identity
 
 SHAPES = {"l0.q": ModuleShape(8, 6), "l1.q": ModuleShape(8, 6)}
 TRAIN = {"local-steps": 1, "batch-size": 2, "learning-rate": 0.01, "max-seq-len": 16}

@@ -1,0 +1,32 @@
+"""``fedlora report RUN_ID [RUN_ID ...]``: summary table, PNG plots and an HTML page."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from cli.console import console
+from core.config import default_db_url
+from server.report import SUMMARY_COLUMNS, build_report, summary_row
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="summary table, PNG plots and an HTML page for one or more runs")
+    p.add_argument("run_ids", type=int, nargs="+")
+    p.add_argument("--out", type=Path, default=None, help="default: runs/report-<ids>")
+    p.add_argument("--db", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / f"report-{'-'.join(map(str, args.run_ids))}"
+    series, page = build_report(args.db or default_db_url(), args.run_ids, out)
+    table = Table(title="fedlora runs")
+    for col in SUMMARY_COLUMNS:
+        table.add_column(col)
+    for s in series:
+        table.add_row(*summary_row(s))
+    console.print(table)
+    console.print(f"plots and HTML report: {page}")
+    return 0

@@ -1,0 +1,119 @@
+"""``fedlora simulate``: a federated run on Flower's simulation engine, on this machine.
+
+Everything that can be checked is checked before a client trains (config, data,
+partitioning, model, database); then a project-local SuperLink starts, the app is
+submitted with ``flwr run``, a row per finished round is printed from the database
+(``cli.progress``) and the SuperLink is stopped, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from cli import APP_DIR, run_config
+from cli.console import console
+from cli.local_superlink import LocalSuperLink, terminate_tree
+from cli.progress import follow, mark_interrupted, summarize
+from core.config import RunConfig, default_db_url
+from core.data import load_examples, partition, split_heldout
+from core.presets import load_base
+from privacy.settings import parse_run_config
+from server.db.session import masked, open_database
+
+#: keys ``simulate`` sets itself (the node count comes from --num-clients)
+OWN_KEYS = frozenset({"simulation-nodes"})
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="run a federated simulation (Flower simulation engine)")
+    p.add_argument("--num-clients", type=int, default=8, help="simulated nodes (SuperNodes)")
+    add_engine_flags(p)
+    run_config.add_flags(p, skip=OWN_KEYS)
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--gpus-per-client", type=float, default=None, help="default: 0.25 with CUDA, else 0")
+    p.add_argument("--home", default=None, help="project-local state dir (default: ./.flwr under cwd)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_clients < 1:
+        raise ValueError(f"--num-clients must be >= 1, got {args.num_clients}")
+    cfg = config_from_args(args)
+    engine = preflight(cfg, args.num_clients)
+    return run_on_simulation_engine(cfg, engine, federation(args, args.num_clients), home=args.home)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    given: dict[str, Any] = run_config.absolute_paths(run_config.overrides(args))
+    own = sorted(OWN_KEYS & set(given))
+    if own:
+        raise ValueError(f"simulate sets {', '.join(own)} itself (use --num-clients)")
+    given.setdefault("db-url", default_db_url())  # absolute: the ServerApp runs in another process
+    given.update({"simulation-nodes": args.num_clients, "run-tag": uuid.uuid4().hex[:16]})
+    # More per round than there are clients: each round samples all of them. Say so, and
+    # record (and print in the header) the number that really trains.
+    asked = int(given.get("clients-per-round", RunConfig.clients_per_round))
+    if asked > args.num_clients:
+        console.print(f"[yellow]--clients-per-round {asked} > --num-clients {args.num_clients}: "
+                      f"{args.num_clients} clients per round[/]")
+        given["clients-per-round"] = args.num_clients
+    return parse_run_config(given)
+
+
+def federation(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
+    gpus = args.gpus_per_client if args.gpus_per_client is not None else _default_gpus()
+    return {"num-supernodes": nodes, "client-resources-num-cpus": args.cpus_per_client,
+            "client-resources-num-gpus": gpus}
+
+
+def preflight(cfg: RunConfig, num_clients: int) -> Engine:
+    """Fail before any training: database, data, partitioning, model, the aggregator's fit."""
+    from server.app import make_aggregator, model_spec
+
+    engine = open_database(cfg.database_url)
+    train, _ = split_heldout(load_examples(cfg.data), cfg.eval_fraction, cfg.seed)
+    partition(train, cfg.partition, num_clients, cfg.seed)
+    base = load_base(cfg.model)  # also builds the converted cache once, before clients race for it
+    # e.g. rank vs module size; the ServerApp runs Fed-SB's calibration, not this check
+    make_aggregator(cfg, base, calibrate=False).init_state(model_spec(cfg, base.model))
+    if cfg.model == "tiny":
+        console.print("[yellow]model 'tiny' is a smoke-test model: it learns nothing useful[/]")
+    return engine
+
+
+def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *, home: str | None) -> int:
+    flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
+    log_path = flwr_home / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
+    verb = f"resuming run {cfg.resume_run_id}" if cfg.resume_run_id else "fedlora"
+    console.print(f"[bold]{verb}[/] {cfg.aggregator} | model {cfg.model} | {federation['num-supernodes']} clients "
+                  f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds")
+    started = time.monotonic()
+    run = None
+    try:
+        with LocalSuperLink(flwr_home=flwr_home, log_dir=flwr_home / "logs") as link:
+            process = link.submit(APP_DIR, run_config=cfg.to_flower(), federation=federation, log_path=log_path)
+            try:
+                run = follow(engine, cfg.run_tag, process, cfg.num_server_rounds)
+            finally:
+                terminate_tree(process)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the SuperLink is stopped by now; say so in the run's row too
+        run = mark_interrupted(engine, cfg.run_tag, "stopped by the user (Ctrl-C or SIGTERM)")
+        if run is not None:
+            console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
+        raise
+    return summarize(engine, cfg, run, elapsed=time.monotonic() - started, log_path=log_path)
+
+
+def _default_gpus() -> float:
+    import torch
+
+    return 0.25 if torch.cuda.is_available() else 0.0

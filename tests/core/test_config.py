@@ -1,0 +1,43 @@
+import pytest
+
+from core.config import RunConfig, parse_ranks
+
+
+def test_defaults_are_valid_and_round_trip_through_flower_keys():
+    cfg = RunConfig()
+    assert RunConfig.from_flower(cfg.to_flower()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"aggregator": "nope"}, "'nope'"),
+        ({"ranks": "4,0,8"}, "rank 0"),
+        ({"ranks": "4,128", "max_rank": 64}, "rank 128"),
+        ({"ranks": "4,x"}, "'x'"),
+        ({"partition": "zipf"}, "'zipf'"),
+        ({"num_server_rounds": 0}, "num-server-rounds"),
+        ({"learning_rate": -1.0}, "-1.0"),
+        ({"min_clients": 5, "clients_per_round": 2}, "min-clients (5)"),
+    ],
+)
+def test_bad_values_are_named(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        RunConfig(**kwargs)
+    assert needle in str(err.value)
+
+
+def test_unknown_run_config_key_is_refused():
+    with pytest.raises(ValueError, match="num-rounds"):
+        RunConfig.from_flower({"num-rounds": 3})
+
+
+def test_wrong_type_in_run_config_names_key_and_value():
+    with pytest.raises(ValueError, match="local-steps.*'many'"):
+        RunConfig.from_flower({"local-steps": "many"})
+
+
+def test_ranks_cycle_over_partitions():
+    cfg = RunConfig(ranks="2,4,8")
+    assert [cfg.rank_for_partition(i) for i in range(5)] == [2, 4, 8, 2, 4]
+    assert parse_ranks(" 4, 16") == (4, 16)

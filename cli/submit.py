@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from cli import APP_DIR
 from cli.certs import probe
 from cli.console import console
@@ -22,9 +24,11 @@ from cli.flower import (
     run_flwr, write_connection, write_toml,
 )
 from cli.local_superlink import flower_bin
+from cli.progress import EXIT_CLIENT_FAILURES, HEADER, round_rows
 from cli.run_config import parse_assignment
 from privacy.settings import parse_run_config
-from server.db.session import masked
+from server.db import read
+from server.db.session import masked, open_database
 
 SUBMIT_TIMEOUT = 300.0  # building and uploading the app bundle
 
@@ -69,8 +73,34 @@ def run(args: argparse.Namespace) -> int:
     if status["status"] != "finished:completed":
         console.print(f"run {run_id} {status['status']}: {status.get('status-details', '')}", style="red", markup=False)
         return 1
-    where = f"'{masked(args.db)}'" if args.db else "<the coordinator's database>"
-    console.print(f"run {run_id} completed; rounds: fedlora runs --db {where}", markup=False)
+    if args.db:  # the run's record is readable here: its clients decide the exit status too
+        return client_outcome(args.db, overrides["run-tag"], run_id)
+    console.print(f"run {run_id} completed; rounds: fedlora runs --db <the coordinator's database>", markup=False)
+    return 0
+
+
+def client_outcome(db_url: str, tag: str, run_id: int) -> int:
+    """Print the run's rounds from its record; EXIT_CLIENT_FAILURES when a client failed or was rejected.
+
+    Flower says "completed" when the ServerApp returned, whatever its clients did; the
+    record says what each sampled client did, as ``simulate``'s closing lines do.
+    """
+    engine = open_database(db_url, create=False, write=False)
+    with Session(engine) as session:
+        row = read.run_by_tag(session, tag)
+        if row is None:
+            raise RuntimeError(f"run {run_id} completed but {masked(db_url)} holds no run tagged {tag}")
+        console.print(HEADER)
+        for line in round_rows(session, row.id):
+            console.print(line, markup=False)
+        record_id = row.id
+    failures = read.failed_clients(engine, record_id)
+    if failures:
+        console.print(f"run {run_id} completed with {failures} failed client "
+                      f"{'reply' if failures == 1 else 'replies'} (listed above); record {record_id} in "
+                      f"{masked(db_url)}", style="red", markup=False)
+        return EXIT_CLIENT_FAILURES
+    console.print(f"run {run_id} completed; rounds: fedlora runs --db '{masked(db_url)}'", markup=False)
     return 0
 
 

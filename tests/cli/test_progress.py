@@ -85,3 +85,23 @@ def test_clients_per_round_above_the_client_count_is_printed_and_recorded(tmp_pa
     assert code == 0
     assert "--clients-per-round 5 > --num-clients 2: 2 clients per round" in capsys.readouterr().out
     assert seen["cfg"].clients_per_round == 2  # the header and the record say what really trains
+
+
+def test_fedlora_run_with_its_database_exits_3_over_a_failed_client(tmp_path, capsys):
+    # Flower reports a deployment run "completed" whatever its clients did; with --db the
+    # record is read back and decides, as simulate's closing lines do
+    from cli.submit import client_outcome
+
+    engine, run_id = _recorded_run(tmp_path, (OK, ClientOutcome(22, "failed", reason="out of memory", rank=2)))
+    code = client_outcome(f"sqlite:///{tmp_path}/r.db", "t", 77)
+    out = capsys.readouterr().out
+    assert code == progress.EXIT_CLIENT_FAILURES
+    assert "node 22 (rank 2): failed: out of memory" in out and "completed with 1 failed client reply" in out
+
+
+def test_fedlora_run_with_its_database_exits_0_when_every_client_trained(tmp_path, capsys):
+    from cli.submit import client_outcome
+
+    _recorded_run(tmp_path, (OK,))
+    assert client_outcome(f"sqlite:///{tmp_path}/r.db", "t", 77) == 0
+    assert "run 77 completed" in capsys.readouterr().out

@@ -38,8 +38,8 @@ from flwr.serverapp.strategy import Strategy
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
 from aggregation.base import check_rank
 from aggregation.diagnostics import relative_error
+from server.replies import read_reply
 from server.rounds import (
-    CLIENT_STATUSES,
     ClientOutcome,
     InsufficientReplies,
     NodeState,
@@ -47,14 +47,8 @@ from server.rounds import (
     tensors_hash,
     utcnow,
 )
-from server.validation import UpdateLimits, check_size, check_update, norm_outliers
-from core.wire import (
-    PayloadError,
-    merges_to_record,
-    record_bytes,
-    record_to_tensors,
-    tensors_to_record,
-)
+from server.validation import UpdateLimits, norm_outliers
+from core.wire import merges_to_record, record_bytes, tensors_to_record
 
 __all__ = ["LoraStrategy"]
 
@@ -263,60 +257,15 @@ class LoraStrategy(Strategy):
             sent = self._pending.get(node)
             if sent is None or node not in self.nodes:
                 continue  # a reply we did not ask for this round
-            outcome, update = self._check_reply(node, reply, sent.bytes_down)
-            self._pending[node] = outcome
-            if update is not None:
-                updates.append(update)
+            known = self.nodes[node]
+            read = read_reply(node=node, reply=reply, bytes_down=sent.bytes_down, known=known, spec=self.spec,
+                              aggregator=self.aggregator, limits=self.limits)
+            if read.beliefs is not None:  # the node's own word on what it holds corrects ours
+                known.merged_through, known.frozen_hash = read.beliefs.merged_through, read.beliefs.frozen_hash
+            self._pending[node] = read.outcome
+            if read.update is not None:
+                updates.append(read.update)
         return updates
-
-    def _check_reply(self, node: int, reply: Message, bytes_down: int) -> tuple[ClientOutcome, ClientUpdate | None]:
-        known = self.nodes[node]
-        if reply.has_error():
-            return ClientOutcome(node, "failed", f"client error: {reply.error.reason}", rank=known.rank,
-                                 bytes_down=bytes_down), None
-        base: dict[str, Any] = dict(node_id=node, bytes_down=bytes_down, rank=known.rank)
-        # Everything below reads what a client sent: any malformation is the client's
-        # fault and must not stop the server, so it becomes a rejection with a reason.
-        try:
-            content = reply.content
-            base["bytes_up"] = record_bytes(content)
-            metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-            base["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            status_record = content.config_records.get("status", ConfigRecord({"status": "ok"}))
-            known.merged_through = int(metrics.get("merged-through", known.merged_through))
-            known.frozen_hash = str(status_record.get("frozen-hash", ""))
-            status = str(status_record.get("status", "ok"))
-            if status not in CLIENT_STATUSES:
-                raise PayloadError(f"unknown reply status {status!r}; expected one of {sorted(CLIENT_STATUSES)}")
-            if status != "ok":
-                return ClientOutcome(status=status, reason=str(status_record.get("reason") or status), **base), None
-            check_size(base["bytes_up"], self.limits)
-            update = self._decode(node, content, known)
-        except Exception as exc:  # noqa: BLE001 - see comment above
-            return ClientOutcome(status="rejected", reason=_reason(exc), **base), None
-        return (
-            ClientOutcome(status="ok", num_examples=update.num_examples, train_loss=update.metrics["train-loss"],
-                          seconds=base["metrics"].get("train-seconds"), **base),
-            update,
-        )
-
-    def _decode(self, node: int, content: RecordDict, known: NodeState) -> ClientUpdate:
-        if "update" not in content.array_records:
-            raise PayloadError("reply has no 'update' record")
-        tensors = record_to_tensors(content["update"])
-        check_update(tensors, self.spec, self.aggregator, known.rank)
-        metrics = content["metrics"]
-        loss = float(metrics["train-loss"])
-        if not np.isfinite(loss):
-            raise ValueError(f"train-loss is {loss}")
-        return ClientUpdate(
-            node_id=known.key,
-            num_examples=int(metrics["num-examples"]),
-            rank=known.rank,
-            alpha=known.alpha,
-            tensors={m: {k: v.astype(np.float64) for k, v in f.items()} for m, f in tensors.items()},
-            metrics={"train-loss": loss},
-        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -339,11 +288,3 @@ class LoraStrategy(Strategy):
         self.merge_log = list(merge_log)
         self.rng.bit_generator.state = rng_state
         self.nodes = {}
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, (PayloadError, ValueError)):
-        return str(exc)
-    if isinstance(exc, KeyError):
-        return f"missing field {exc}"
-    return f"{type(exc).__name__}: {exc}"

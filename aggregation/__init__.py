@@ -55,6 +55,11 @@ def get_class(name: str) -> type:
         ) from None
 
 
+def weighted_sum_names() -> list[str]:
+    """The registered methods whose aggregate is a weighted sum (the capability their class declares)."""
+    return [name for name in names() if isinstance(_REGISTRY[name].weighted_sum, WeightedSum)]
+
+
 def create(name: str, **kwargs: Any) -> Aggregator:
     """Build the aggregator registered under ``name`` with keyword options."""
     return get_class(name)(**kwargs)  # type: ignore[no-any-return]
@@ -86,4 +91,5 @@ __all__ = [
     "get_class",
     "names",
     "register",
+    "weighted_sum_names",
 ]

@@ -94,10 +94,9 @@ def weighted_sum(aggregator: str) -> WeightedSum:
     declared = aggregation.get_class(aggregator).weighted_sum
     if isinstance(declared, WeightedSum):
         return declared
-    summed = [n for n in aggregation.names() if isinstance(aggregation.get_class(n).weighted_sum, WeightedSum)]
     raise ValueError(
         f"central DP (dp-central-clip) is not available for aggregator {aggregator!r}: {declared}. "
-        f"It works with {', '.join(summed)}."
+        f"It works with {', '.join(aggregation.weighted_sum_names())}."
     )
 
 

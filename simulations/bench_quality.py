@@ -29,7 +29,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import aggregation
-from aggregation.base import WeightedSum
 from core.data import load_examples, partition, split_heldout
 from core.model import AdaptedModel, AdapterSpec
 from core.presets import load_base
@@ -45,7 +44,7 @@ DEFAULT = dict(model="smollm2", num_clients=6, clients_per_round=3, rounds=3, lo
 QUICK = dict(model="tiny", num_clients=3, clients_per_round=3, rounds=2, local_steps=2, ranks="2,4,8",
              max_rank=8, lr=0.05, eval_examples=8, max_seq_len=48, partition="dirichlet:0.5", batch_size=4)
 # the methods whose aggregate is a weighted sum (the capability their classes declare)
-DP_AGGREGATORS = tuple(n for n in aggregation.names() if isinstance(aggregation.get_class(n).weighted_sum, WeightedSum))
+DP_AGGREGATORS = tuple(aggregation.weighted_sum_names())
 
 
 @dataclass(frozen=True)

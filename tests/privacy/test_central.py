@@ -9,11 +9,10 @@ import pytest
 
 import aggregation
 from aggregation.base import Aggregator, ClientInfo, ClientUpdate, ModelSpec, ModuleShape
-from aggregation.base import WeightedSum
 from privacy.central import CentralDP, check_central_dp, clip_update, folded_delta_norm
 
 # the capability each class declares, not a name table
-SUM_AGGREGATORS = [n for n in aggregation.names() if isinstance(aggregation.get_class(n).weighted_sum, WeightedSum)]
+SUM_AGGREGATORS = aggregation.weighted_sum_names()
 
 MODULES = {"layer0.q": ModuleShape(d_out=12, d_in=10), "layer0.v": ModuleShape(d_out=6, d_in=10)}
 SPEC = ModelSpec(modules=MODULES, max_rank=4, seed=0)

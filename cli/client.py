@@ -32,6 +32,8 @@ from cli.flower import (
     Daemon, add_connection_args, connection_ca, flower_env, reported, write_toml,
 )
 from cli.local_superlink import flower_bin
+from cli.node_worker import WorkerSupervisor, worker_socket
+from client.app import WORKER_KEY
 from cli.run_config import parse_assignment
 from aggregation.base import check_rank
 from core.config import RunConfig
@@ -46,6 +48,10 @@ PASS_THROUGH_PREFIX = DP_PREFIX  # differential-privacy settings, read by the Cl
 READY_LINE = "SuperNode ID:"  # flower-supernode logs it once the SuperLink accepted the node
 REJECTED = "Failed to activate SuperNode"
 READY_TIMEOUT = 90.0
+# SuperExec looks for a new message to start a ClientApp for every second by default:
+# a fixed wait on every message of every round. (The SuperNode's own 3 s idle sleep
+# between pulls from the SuperLink is Flower's, with no setting.)
+NODE_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
 ENROLLED = "enrollment.json"
 
 
@@ -75,6 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     start.add_argument("--set", dest="extra", action="append", default=[], metavar="dp-KEY=VALUE",
                        help="extra node_config, only dp-* keys (repeatable)")
+    start.add_argument("--no-worker", dest="worker", action="store_false",
+                       help="no resident worker: every message starts a fresh ClientApp that loads the model "
+                            "again (Flower's default; slower, for comparison and debugging)")
     start.add_argument("--runtime-port", type=int, default=9094,
                        help="local port of the SuperNode's runtime API (one per node on a machine)")
 
@@ -146,12 +155,32 @@ def start(args: argparse.Namespace) -> int:
     ca = connection_ca(args)
     probe(args.coordinator, ca=ca, tls=not args.insecure)
     flwr_home = _home(args) / "flwr"
+    env = flower_env(flwr_home, {**device_env(args.device), **NODE_POLL_ENV})
+    socket = worker_socket(_home(args)) if args.worker else None
+    if socket is not None:  # the node's model stays loaded in the worker across rounds and runs
+        config[WORKER_KEY] = str(socket)
     config_file = write_toml(flwr_home / "node-config.toml", config)
     command = [flower_bin("flower-supernode"), "--superlink", args.coordinator, "--auth-supernode-private-key",
                str(key), "--node-config", str(config_file), "--port", str(args.runtime_port),
                "--isolation", "subprocess"]
     command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
-    daemon = Daemon(command=command, env=flower_env(flwr_home, device_env(args.device)), ready_line=READY_LINE)
+    daemon = Daemon(command=command, env=env, ready_line=READY_LINE)
+    worker = None
+    if socket is not None:  # started first: its torch import overlaps the SuperNode's start
+        worker = WorkerSupervisor(socket=socket, env=env, on_give_up=lambda _why: daemon.terminate())
+        worker.start()
+    try:
+        code = _run_supernode(args, daemon=daemon, worker=worker, config=config, key=key)
+    finally:
+        if worker is not None:
+            worker.stop()
+    if worker is not None and worker.gave_up:
+        raise RuntimeError(worker.gave_up)
+    return code
+
+
+def _run_supernode(args: argparse.Namespace, *, daemon: Daemon, worker: WorkerSupervisor | None,
+                   config: dict[str, Any], key: Path) -> int:
     daemon.start()
     try:
         daemon.wait_ready(daemon.ready.is_set, timeout=READY_TIMEOUT, what="flower-supernode")
@@ -162,7 +191,14 @@ def start(args: argparse.Namespace) -> int:
                                "not enrolled (fedlora client enroll --token), was revoked, or a node with it is "
                                "already online") from None
         raise RuntimeError(f"{exc}\n{daemon.output()[-3000:]}") from None
-    console.print(f"node connected to {args.coordinator} (rank {args.rank}, data {config['data-path']}); "
+    if worker is not None:
+        try:
+            worker.wait_ready()
+        except (RuntimeError, TimeoutError):
+            daemon.stop()
+            raise
+    where = f"; node worker on {config[WORKER_KEY]}" if WORKER_KEY in config else "; no node worker"
+    console.print(f"node connected to {args.coordinator} (rank {args.rank}, data {config['data-path']}{where}); "
                   "waiting for runs", markup=False)
     return daemon.exit_status()
 

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 import aggregation
-import client.app as client_app
+import client.handlers as client_app
 from aggregation import ModelSpec
 from core.model import module_shapes
 from privacy.accounting import epsilon

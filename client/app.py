@@ -59,7 +59,7 @@ def handle(action: str, msg: Message, context: Context) -> Message:
 def in_process(action: str) -> Callable[[Message, Context], Message]:
     from client import handlers  # torch, transformers, PEFT: only when this process trains
 
-    return {"query": handlers.query, "train": handlers.train_handler}[action]
+    return handlers.HANDLERS[action]
 
 
 def _ledger_metrics(context: Context) -> dict:

@@ -250,6 +250,11 @@ def _reply(msg: Message, *, status: str, metrics: dict, reason: str = "", frozen
     return status_reply(msg, status=status, metrics=metrics, reason=reason, frozen_hash=frozen_hash)
 
 
+# Flower action -> handler; the thin ClientApp (client.app) registers the same names and
+# the worker (client.worker) serves exactly these.
+HANDLERS = {"query": query, "train": train_handler}
+
+
 def ledger_metrics(context: Context) -> dict[str, float]:
     """The ε this node's ledger holds, for a reply about a round that was lost mid-way.
 

@@ -44,7 +44,7 @@ class Worker:
     def handle(self, request: bytes, _context: grpc.ServicerContext) -> bytes:
         try:
             action, msg, ctx = channel.decode_request(request)
-            handler = {"query": handlers.query, "train": handlers.train_handler}[action]
+            handler = handlers.HANDLERS[action]
         except (ValueError, KeyError) as exc:
             return channel.encode_error(f"bad request: {exc}")
         try:

@@ -2,13 +2,15 @@
 
 ``RunRecorder`` owns the writes (a run row, one transaction per round, the final
 status). ``RecordingStrategy`` wraps any ``LoraStrategy``, the way Flower's DP wrappers
-wrap a strategy: it delegates the four message hooks and, at the end of each round
-(after the server-side evaluation), writes that round's row, one row per sampled
-client and the evaluation in a single transaction before the next round starts.
+wrap a strategy: it delegates the four message hooks and, at the end of each round,
+writes that round's row and one row per sampled client in a single transaction before
+the next round starts. The server-side evaluation of a round (``eval_schedule``) runs
+beside the next round's training and is written when it finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import Callable, Iterable
@@ -22,6 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from privacy.accounting import CentralAccount, sample_rate
 from server import checkpoint as ckpt
 from server.db.models import (
     CheckpointRecord,
@@ -30,6 +33,7 @@ from server.db.models import (
     RoundRecord,
     Run,
 )
+from server.eval_schedule import Evaluate, EvaluationSchedule
 from server.evaluate import TimedEval
 from server.rounds import RoundReport, utcnow
 from server.strategy import LoraStrategy
@@ -89,9 +93,11 @@ class RunRecorder:
 
     def record_round(
         self, run_id: int, report: RoundReport, evaluation: TimedEval | None,
-        checkpoint: SavedCheckpoint | None = None, keep: int = 0,
+        checkpoint: SavedCheckpoint | None = None, keep: int = 0, *, central_epsilon: float | None = None,
     ) -> list[PrunedCheckpoint]:
         """One transaction: the round, its client rows, evaluation and checkpoint reference.
+
+        ``central_epsilon``: the user-level ε central DP has spent through this round.
 
         Returns checkpoints that fell out of the last ``keep`` and may be deleted (only
         after this commit, so the database never points at a missing file). A file
@@ -107,6 +113,7 @@ class RunRecorder:
                 num_aggregated=report.num_ok if report.aggregated else 0,
                 train_loss=_finite(report.train_loss),
                 relative_error=_finite(report.relative_error),
+                central_epsilon=_finite(central_epsilon),
                 bytes_down=report.bytes_down,
                 bytes_up=report.bytes_up,
                 aggregate_seconds=report.aggregate_seconds,
@@ -182,33 +189,45 @@ class RunRecorder:
             return session.scalar(select(Run.status).where(Run.id == run_id)) or ""
 
 
-Evaluator = Callable[[LoraStrategy], TimedEval | None]
-
 
 class RecordingStrategy(Strategy):
     """Wraps a LoraStrategy and records every round (see the module docstring)."""
 
     def __init__(
-        self, *, inner: LoraStrategy, recorder: RunRecorder, run_id: int, evaluator: Evaluator,
+        self, *, inner: LoraStrategy, recorder: RunRecorder, run_id: int, evaluator: Evaluate | None,
         config: dict[str, Any], checkpoint_dir: Path, keep_checkpoints: int = 3, round_offset: int = 0,
-        resumed: bool = False,
+        resumed: bool = False, eval_every: int = 1, eval_overlap: bool = True, central: CentralAccount | None = None,
     ) -> None:
         self.inner = inner
         self.recorder = recorder
         self.run_id = run_id
-        self.evaluator = evaluator
+        self.evaluations = None if evaluator is None else EvaluationSchedule(
+            evaluate=evaluator, every=eval_every, overlap=eval_overlap,
+            record=lambda number, ev: recorder.record_evaluation(run_id, number, ev),
+        )
+        self.last_round = 0  # set by ``start``
         self.config = dict(config)
         self.checkpoint_dir = checkpoint_dir
         self.keep_checkpoints = keep_checkpoints
         # A resumed run restarts Flower's loop at 1; rounds are numbered from the checkpoint.
         self.round_offset = round_offset
         self.resumed = resumed
+        # central DP's user-level ε: checked before each round, charged when a round is aggregated
+        self.central = central
+        self._sample_rate = 1.0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.central is not None:  # before any node is asked: a round past the budget never starts
+            self._sample_rate = sample_rate(self.inner.clients_per_round, len(grid.get_node_ids()))
+            self.central.check_next(round_number=server_round + self.round_offset, rate=self._sample_rate)
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round + self.round_offset, replies)
+        result = self.inner.aggregate_train(server_round + self.round_offset, replies)
+        report = self.inner.last_report
+        if self.central is not None and report is not None and report.aggregated:  # noise was added: one release
+            self.central = self.central.charged(self._sample_rate)
+        return result
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -222,26 +241,27 @@ class RecordingStrategy(Strategy):
     def _end_of_round(self, flower_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
         if flower_round == 0 and self.resumed:
             return None  # round 0 (and every round up to the checkpoint) is already recorded
-        evaluation = self.evaluator(self.inner)
-        if flower_round == 0:
-            if evaluation is not None:
-                self.recorder.record_evaluation(self.run_id, 0, evaluation)
-        else:
-            number = flower_round + self.round_offset
+        number = flower_round + self.round_offset
+        if self.evaluations is not None:
+            self.evaluations.wait()  # the previous round's evaluation is written before this round
+        if flower_round > 0:
             report = self.inner.last_report
             assert report is not None and report.number == number
             saved = self._save_checkpoint(number)
-            stale = self.recorder.record_round(self.run_id, report, evaluation, saved, keep=self.keep_checkpoints)
+            stale = self.recorder.record_round(self.run_id, report, None, saved, keep=self.keep_checkpoints,
+                                               central_epsilon=self.central.epsilon if self.central else None)
             for pruned in stale:
                 ckpt.discard(pruned.path, pruned.sha256)
-        if evaluation is None:
-            return None
-        return MetricRecord({"eval-loss": evaluation.result.loss, "eval-perplexity": evaluation.result.perplexity})
+        if self.evaluations is not None:
+            self.evaluations.submit(number, merge_log=self.inner.merge_log, last=self.last_round,
+                                    global_delta=self.inner.aggregator.global_delta(self.inner.state))
+        return None  # evaluations go to the database as they finish, not into Flower's Result
 
     def _save_checkpoint(self, number: int) -> SavedCheckpoint:
         checkpoint = ckpt.Checkpoint(
             round=number, aggregator=self.config.get("aggregator", ""), state=self.inner.state,
             merge_log=self.inner.merge_log, rng_state=self.inner.rng.bit_generator.state, config=self.config,
+            privacy={"central": self.central.to_json()} if self.central else {},
         )
         path, sha = ckpt.save(checkpoint, self.recorder.checkpoint_directory(self.run_id, self.checkpoint_dir))
         return SavedCheckpoint(path=path, sha256=sha, config_hash=checkpoint.config_hash)
@@ -251,5 +271,18 @@ class RecordingStrategy(Strategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
         if evaluate_fn is not None:
             raise ValueError("RecordingStrategy evaluates through its evaluator; pass no evaluate_fn")
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
-                             evaluate_fn=self._end_of_round)
+        self.last_round = self.round_offset + num_rounds
+        # the rank query goes out now: nodes answer it (and warm workers load the model)
+        # while round 0 is evaluated, so round 1 waits for neither
+        self.inner.announce(grid)
+        try:
+            result = super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                   evaluate_fn=self._end_of_round)
+        except BaseException:
+            if self.evaluations is not None:  # keep what finished; the run's own error wins
+                with contextlib.suppress(Exception):
+                    self.evaluations.wait()
+            raise
+        if self.evaluations is not None:
+            self.evaluations.wait()
+        return result

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
 from aggregation.base import check_rank
 from aggregation.diagnostics import relative_error
+from server.polling import PromptGrid
 from server.replies import read_reply
 from server.rounds import (
     ClientOutcome,
@@ -92,28 +93,52 @@ class LoraStrategy(Strategy):
         self._refused: dict[int, ClientOutcome] = {}
         self._grid: Grid | None = None
         self._round_started = utcnow()
+        self._announced: tuple[set[str], list[int]] | None = None  # rank queries sent early: ids, nodes
 
     # --- node discovery and sampling ------------------------------------------------------
 
+    def _unknown(self, grid: Grid) -> list[int]:
+        asked = set(self._announced[1]) if self._announced else set()
+        return [n for n in sorted(grid.get_node_ids()) if n not in self.nodes and n not in self._refused
+                and n not in asked]
+
+    def _queries(self, nodes: list[int]) -> list[Message]:
+        return [Message(RecordDict({"config": ConfigRecord({"max-rank": self.spec.max_rank})}),
+                        dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+
+    def announce(self, grid: Grid) -> None:
+        """Send the rank query to every connected node now and collect the answers in round 1.
+
+        Only on a grid that can pull replies later (``server.polling.PromptGrid``): the
+        answers then arrive while round 0 is evaluated instead of costing round 1 a
+        whole extra round trip.
+        """
+        if not isinstance(grid, PromptGrid):
+            return
+        nodes = self._unknown(grid)
+        if nodes:
+            self._announced = (set(grid.push_messages(self._queries(nodes))), nodes)
+
     def _discover(self, grid: Grid) -> None:
         """Ask every connected node we have not heard from for its rank and key."""
-        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.nodes and n not in self._refused]
-        if not unknown:
-            return
-        messages = [
-            Message(RecordDict({"config": ConfigRecord({"max-rank": self.spec.max_rank})}),
-                    dst_node_id=n, message_type=MessageType.QUERY)
-            for n in unknown
-        ]
+        if self._announced and isinstance(grid, PromptGrid):
+            ids, asked = self._announced
+            self._learn(grid.receive(ids, timeout=self.query_timeout), asked)
+        self._announced = None
+        unknown = self._unknown(grid)
+        if unknown:
+            self._learn(grid.send_and_receive(self._queries(unknown), timeout=self.query_timeout), unknown)
+
+    def _learn(self, replies: Iterable[Message], asked: list[int]) -> None:
         answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
+        for reply in replies:
             node = reply.metadata.src_node_id
             answered.add(node)
             try:
                 self.nodes[node] = self._node_from_query(reply)
             except (KeyError, TypeError, ValueError) as exc:
                 self._refused[node] = ClientOutcome(node, "rejected", str(exc))
-        for node in set(unknown) - answered:
+        for node in set(asked) - answered:
             log(WARNING, "node %s did not answer the rank query", node)
 
     def _node_from_query(self, reply: Message) -> NodeState:

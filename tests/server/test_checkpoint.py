@@ -88,7 +88,7 @@ def _recording(db: str, root, *, seed: int, keep: int) -> tuple[RunRecorder, Rec
     config = {"aggregator": "fedavg", "model": "tiny", "target-modules": "q_proj,v_proj", "seed": seed}
     run_id = recorder.start_run(config=config, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)
     inner = _Inner(state=_fedavg_state(seed), merge_log=[], rng=np.random.default_rng(seed))
-    return recorder, RecordingStrategy(inner=inner, recorder=recorder, run_id=run_id, evaluator=lambda _s: None,
+    return recorder, RecordingStrategy(inner=inner, recorder=recorder, run_id=run_id, evaluator=None,
                                        config=config, checkpoint_dir=root, keep_checkpoints=keep)
 
 

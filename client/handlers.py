@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import os
 import traceback
 from logging import ERROR
 
@@ -42,7 +43,9 @@ from privacy.ledger import PrivacyLedger, dataset_fingerprint
 from privacy.private_round import PrivateRound, private_round
 from privacy.settings import check_node_config, local_dp, parse_run_config
 from aggregation.base import check_rank
+from client import lora_sb  # Fed-SB's federated LoRA-SB init (round 0)
 from client.messages import status_reply
+from client.personal import PersonalRound, personal_factors
 from core.config import RunConfig
 from core.wire import merges_to_record, record_to_merges, record_to_tensors, tensors_to_record
 
@@ -171,10 +174,13 @@ def _trained(msg: Message, context: Context, cfg: RunConfig, *, examples: list[E
     if adapter:
         adapted.load(adapter)
     adapted.set_trainable(frozenset(str(settings["trainable"]).split(",")))
+    # factors trained here but never uploaded (FedSA-LoRA's B): this node's own, kept between rounds
+    own = PersonalRound.start(context=context, cfg=cfg, adapted=adapted, factors=personal_factors(settings),
+                              examples=examples, node=_ledger_identity(context), private=dp_round is not None)
 
     result = train(
         adapted,
-        examples,
+        own.train_examples,
         base.tokenizer,
         TrainConfig(
             steps=dp_round.steps if dp_round is not None else int(settings["local-steps"]),
@@ -187,15 +193,18 @@ def _trained(msg: Message, context: Context, cfg: RunConfig, *, examples: list[E
     )
     uplink = str(settings["uplink"]).split(",")
     metrics = {
-        "num-examples": len(examples),
+        "num-examples": len(own.train_examples),
         "train-loss": result.mean_loss,
         "train-loss-first": result.first_loss,
         "train-loss-last": result.last_loss,
         "train-seconds": result.seconds,
         "steps": result.steps,
         "base-loads": BASE_LOADS["count"],
+        "process-id": os.getpid(),  # which process trained: a worker, a Ray actor, a one-off ClientApp
         **held,
         **(dp_round.metrics() if dp_round is not None else {}),
+        **own.finish(context=context, adapted=adapted, tokenizer=base.tokenizer, max_len=int(settings["max-seq-len"]),
+                     server_round=server_round),
     }
     update = adapted.export(uplink)
     if cfg.dp_central_clip > 0:  # central DP: bound this node's whole-round contribution
@@ -252,7 +261,7 @@ def _reply(msg: Message, *, status: str, metrics: dict, reason: str = "", frozen
 
 # Flower action -> handler; the thin ClientApp (client.app) registers the same names and
 # the worker (client.worker) serves exactly these.
-HANDLERS = {"query": query, "train": train_handler}
+HANDLERS = {"query": query, "train": train_handler, lora_sb.ACTION: lora_sb.handle}
 
 
 def ledger_metrics(context: Context) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from privacy.accounting import CentralAccount, sample_rate
@@ -30,6 +31,7 @@ from server.db.models import (
     CheckpointRecord,
     ClientUpdateRecord,
     Evaluation,
+    InitRecord,
     RoundRecord,
     Run,
 )
@@ -94,6 +96,7 @@ class RunRecorder:
     def record_round(
         self, run_id: int, report: RoundReport, evaluation: TimedEval | None,
         checkpoint: SavedCheckpoint | None = None, keep: int = 0, *, central_epsilon: float | None = None,
+        eval_wait_seconds: float = 0.0,
     ) -> list[PrunedCheckpoint]:
         """One transaction: the round, its client rows, evaluation and checkpoint reference.
 
@@ -117,7 +120,7 @@ class RunRecorder:
                 bytes_down=report.bytes_down,
                 bytes_up=report.bytes_up,
                 aggregate_seconds=report.aggregate_seconds,
-                metrics={"aggregated": report.aggregated},
+                metrics={"aggregated": report.aggregated, "eval-wait-seconds": eval_wait_seconds},
             )
             session.add(row)
             session.flush()
@@ -151,6 +154,17 @@ class RunRecorder:
                         CheckpointRecord.path.in_([str(p.path) for p in stale]))))
                     stale = [p for p in stale if str(p.path) not in referenced]
         return stale
+
+    def record_init(self, run_id: int, *, kind: str, seconds: float, bytes_down: int, bytes_up: int,
+                    details: dict[str, Any]) -> None:
+        """The run's adapter initialisation (Fed-SB's LoRA-SB init, ``server.lora_sb_round``).
+
+        A resumed run without a checkpoint starts over, init included: its new init replaces the old.
+        """
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(InitRecord).where(InitRecord.run_id == run_id))
+            session.add(InitRecord(run_id=run_id, kind=kind, seconds=seconds, bytes_down=bytes_down,
+                                   bytes_up=bytes_up, details=details, created_at=utcnow()))
 
     def record_evaluation(self, run_id: int, round_number: int, evaluation: TimedEval) -> None:
         with Session(self.engine) as session, session.begin():
@@ -242,14 +256,17 @@ class RecordingStrategy(Strategy):
         if flower_round == 0 and self.resumed:
             return None  # round 0 (and every round up to the checkpoint) is already recorded
         number = flower_round + self.round_offset
+        waited = time.perf_counter()
         if self.evaluations is not None:
             self.evaluations.wait()  # the previous round's evaluation is written before this round
+        waited = time.perf_counter() - waited  # what an unfinished evaluation held this round up
         if flower_round > 0:
             report = self.inner.last_report
             assert report is not None and report.number == number
             saved = self._save_checkpoint(number)
             stale = self.recorder.record_round(self.run_id, report, None, saved, keep=self.keep_checkpoints,
-                                               central_epsilon=self.central.epsilon if self.central else None)
+                                               central_epsilon=self.central.epsilon if self.central else None,
+                                               eval_wait_seconds=waited)
             for pruned in stale:
                 ckpt.discard(pruned.path, pruned.sha256)
         if self.evaluations is not None:

@@ -1,6 +1,6 @@
 """Performance suite: where the time, bytes and memory of a federated round go.
 
-    python -m simulations.bench_perf [--quick] [--json PATH] [--sections 1,2,3,4,5]
+    python -m simulations.bench_perf [--quick] [--json PATH] [--sections 1,2,3,4,5,6,deploy]
 
 Prints, in one run (ratios where a ratio means something):
   1. aggregation time per aggregator at LLaMA-2-7B adapter shapes (q, v; 32 layers) with
@@ -9,14 +9,17 @@ Prints, in one run (ratios where a ratio means something):
      from the objects Flower actually serialises for a SmolLM2 train message;
   3. database write time per round (SQLite, and PostgreSQL when reachable, in a scratch
      schema that is dropped afterwards);
-  4. round overhead in the default simulation: (round wall - slowest client's training)
-     / round wall, split into aggregation, server evaluation, database and messaging;
+  4. round overhead in the default simulation: (round period - training on the slowest
+     actor) / round period, with aggregation and the server evaluation (its own seconds, and
+     what it held the next round up) shown apart (simulations.bench_warm);
   5. peak memory (RSS of the whole process tree) with 1,000 virtual clients, 10 per round,
      against the same run with 10 virtual clients;
   6. deployment: round latency of a real coordinator (SuperLink + public front, TLS, node
      authentication) with two nodes connected through the front, then two connected straight
      to the SuperLink's loopback port, same run; and the time one Fleet call (small, and a
-     5 MiB body: Flower's array chunk) takes through the front and without it.
+     5 MiB body: Flower's array chunk) takes through the front and without it;
+  7. (``deploy``) warm nodes: deployment rounds with and without the resident node worker,
+     tiny model and SmolLM2: non-training share, base-model loads per node, round 1 / round 2.
 Results are also written as JSON so runs can be compared.
 """
 
@@ -43,6 +46,7 @@ from aggregation import ModelSpec, ModuleShape
 from server.db.session import scratch_schema
 from simulations import bench_aggregation as ba
 from simulations.bench_deploy import deployment_latency, print_deployment
+from simulations.bench_warm import print_simulation, simulation_overhead, print_warm, warm_deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -136,38 +140,6 @@ def simulate(args: list[str], workdir: Path) -> tuple[int, float]:
     return proc.returncode, peak
 
 
-def round_overhead(workdir: Path, quick: bool) -> list[dict]:
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord
-    from server.db.session import open_database
-
-    db = f"sqlite:///{workdir / 'overhead.db'}"
-    model = ["--model", "tiny", "--lr", "0.05"] if quick else []
-    code, _ = simulate([*model, "--rounds", "2", "--db", db, "--home", str(workdir / "flwr"),
-                        "--checkpoint-dir", str(workdir / "ckpt")], workdir)
-    if code != 0:
-        return [{"error": f"simulate exited {code}; see {workdir / 'simulate.log'}"}]
-    db_ms = db_write_time(f"sqlite:///{workdir / 'dbbench.db'}", repeats=5)["median_ms"]
-    rows = []
-    with Session(open_database(db)) as s:
-        for r in s.scalars(select(RoundRecord).order_by(RoundRecord.number)):
-            wall = (r.finished_at - r.started_at).total_seconds()
-            slowest = max((u.seconds or 0.0) for u in s.scalars(
-                select(ClientUpdateRecord).where(ClientUpdateRecord.round_id == r.id)))
-            ev = s.scalars(select(Evaluation).where(Evaluation.run_id == r.run_id,
-                                                   Evaluation.round_number == r.number)).first()
-            eval_s = ev.seconds if ev else 0.0
-            overhead = wall - slowest
-            messaging = overhead - r.aggregate_seconds - eval_s - db_ms / 1000
-            rows.append({"round": r.number, "wall_s": wall, "slowest_client_s": slowest,
-                         "overhead_ratio": overhead / wall if wall else 0.0,
-                         "aggregation_s": r.aggregate_seconds, "server_eval_s": eval_s, "db_s": db_ms / 1000,
-                         "messaging_and_client_setup_s": messaging})
-    return rows
-
-
 def virtual_clients(workdir: Path, count: int) -> dict:
     """One round of the tiny model with ``count`` virtual clients, 10 per round."""
     db = f"sqlite:///{workdir / f'virtual{count}.db'}"
@@ -224,14 +196,16 @@ SECTIONS = {
                lambda _, quick: wire_overhead(), print_wire),
     3: Section("db", "database write time per round (10 client rows, one transaction)",
                lambda workdir, _: db_both(workdir), print_rows),
-    4: Section("round_overhead", "round overhead in the default simulation (--quick: tiny model)",
-               round_overhead, print_rows),
+    4: Section("round_overhead", "round overhead in the default simulation, training counted per actor "
+               "(--quick: tiny model)", simulation_overhead, print_simulation),
     5: Section("virtual_clients", "peak memory (RSS, whole process tree), 1,000 vs 10 virtual clients, "
                "10 per round (tiny model)", lambda workdir, _: memory_with_many_clients(workdir),
                lambda r: print_rows([r["1000"], r["10"], {k: v for k, v in r.items() if k not in ("1000", "10")}])),
     6: Section("deployment", "deployment round latency and Fleet call time, through the public front vs "
                "straight to the SuperLink (tiny model, 2 nodes, TLS and node authentication on)",
                deployment_latency, print_deployment),
+    7: Section("deploy", "warm nodes: a deployment round with and without the resident node worker (2 nodes "
+               "through the CLI; tiny model and SmolLM2; --quick: tiny only)", warm_deployment, print_warm),
 }
 
 
@@ -242,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(map(str, SECTIONS)),
                         help="comma list of section numbers to run (default: all)")
     args = parser.parse_args(argv)
-    try:
-        chosen = [SECTIONS[int(n)] for n in args.sections.split(",") if n.strip()]
+    by_key = {section.key: section for section in SECTIONS.values()}
+    try:  # by number or by key: --sections 4,deploy
+        chosen = [by_key[n.strip()] if n.strip() in by_key else SECTIONS[int(n)] for n in args.sections.split(",")
+                  if n.strip()]
     except (KeyError, ValueError):
-        parser.error(f"--sections {args.sections!r}: valid sections are {', '.join(map(str, SECTIONS))}")
+        parser.error(f"--sections {args.sections!r}: valid sections are "
+                     + ", ".join(f"{n} ({s.key})" for n, s in SECTIONS.items()))
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for number, section in ((n, SECTIONS[n]) for n in SECTIONS if SECTIONS[n] in chosen):

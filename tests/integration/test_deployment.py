@@ -415,7 +415,10 @@ def _check_run(submitted: Submitted, deployment: Deployment, capsys, label: str,
         assert all(u.rank == RANKS[by_id[u.node_id]] for u in updates)
         assert {u.num_examples for u in updates} == {DATA_ROWS}  # each node trained on its own data-path
         evals = sorted(e.round_number for e in s.scalars(select(Evaluation).where(Evaluation.run_id == run.id)))
-        assert evals == [0, 1, 2]
+        assert evals == [0, 2]  # eval-every 2: round 0 and the last
+        # the nodes' resident workers loaded the model once, for both runs at once
+        assert {u.metrics["base-loads"] for u in updates} == {1}
+        assert len({u.metrics["process-id"] for u in updates}) == 2  # one worker per node, every round
         per_round = [(r.finished_at - r.started_at).total_seconds() for r in run.rounds]
         total = (run.finished_at - run.started_at).total_seconds()
     with capsys.disabled():
@@ -432,6 +435,43 @@ def test_enrolled_nodes_complete_a_run_logged_to_postgresql(deployment, runs, ca
     if "PostgreSQL" not in runs:
         pytest.skip(unreachable_reason() or "PostgreSQL became reachable after the runs were submitted")
     _check_run(runs["PostgreSQL"], deployment, capsys, "PostgreSQL", len(runs))
+
+
+def test_a_worker_killed_mid_round_fails_that_node_only_and_the_next_round_has_both(deployment, runs, processes):
+    import psutil
+
+    for submitted in runs.values():  # the shared nodes must be idle first
+        Processes.finish(submitted.process, submitted.log, RUN_TIMEOUT)
+    node_log = deployment.root / "node-1.log"
+    seen = node_log.read_text(errors="replace").count("Received successfully")
+    tag, log = uuid.uuid4().hex[:16], deployment.root / "run-killed.log"
+    args = [*RUN_ARGS, "--set", "min-clients=1", "--set", "local-steps=60", "--set", f"run-tag={tag}",
+            "--db", deployment.db_url]
+    process = processes.start(["run", "--coordinator", deployment.local, "--ca", deployment.ca,
+                               "--home", deployment.root / f"cli-{tag}", *args], log)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    # the query, then round 1's train message: kill node-1's worker while it trains
+    while node_log.read_text(errors="replace").count("Received successfully") < seen + 2:
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    starters = [p for p in psutil.process_iter(["cmdline"]) if "start" in (p.info["cmdline"] or [])
+                and str(deployment.root / "node-1") in " ".join(p.info["cmdline"] or [])]
+    workers = [c for s in starters for c in s.children() if "client.worker" in " ".join(c.cmdline())]
+    assert len(workers) == 1, (starters, workers)
+    workers[0].kill()
+    code, out = Processes.finish(process, log, RUN_TIMEOUT)
+    assert code == 3, out  # done, with a failed client named: exit 3
+    with Session(open_database(deployment.db_url)) as s:
+        (run,) = s.scalars(select(Run).where(Run.tag == tag)).all()
+        assert run.status == "completed", run.error
+        rows = s.scalars(select(ClientUpdateRecord).where(ClientUpdateRecord.run_id == run.id)).all()
+    first = {u.node_id: u for u in rows if u.round_number == 1}
+    node_1, node_2 = deployment.node_ids["node-1"], deployment.node_ids["node-2"]
+    assert first[node_1].status == "failed" and "node worker" in first[node_1].reason
+    assert first[node_2].status == "ok"
+    assert {u.node_id: u.status for u in rows if u.round_number == 2} == {node_1: "ok", node_2: "ok"}
+    assert "node worker exited with code -9; restarting" in node_log.read_text(errors="replace")
 
 
 def test_sigterm_stops_the_coordinator_and_its_front_with_143(deployment, runs):

@@ -70,11 +70,14 @@ from aggregation import (  # noqa: E402, F401  (imported for their @register)
     fed_sb,
     fedavg,
     fedex_lora,
+    fedsa_lora,
+    fedsvd,
     ffa_lora,
     flexlora,
     flora,
     hetlora,
     lora_fair,
+    rolora,
 )
 
 __all__ = [

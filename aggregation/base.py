@@ -119,16 +119,32 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class Downlink:
-    """What one client receives before it trains (see the module docstring)."""
+    """What one client receives before it trains (see the module docstring).
+
+    ``uplink``: the factors this client uploads this round, where a method's upload
+    changes by round (RoLoRA: B, then A); ``None`` means the class's ``uplink``. A
+    factor it trains but does not upload stays on the node (FedSA-LoRA's B).
+    """
 
     adapter: Tensors
     trainable: frozenset[str]
     frozen: Tensors = field(default_factory=dict)
+    uplink: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
-        unknown = self.trainable - FACTOR_NAMES
+        unknown = (self.trainable | (self.uplink or frozenset())) - FACTOR_NAMES
         if unknown:
-            raise ValueError(f"unknown trainable factors {sorted(unknown)}")
+            raise ValueError(f"unknown trainable or uplink factors {sorted(unknown)}")
+        if self.uplink is not None and not self.uplink:
+            raise ValueError("a downlink's uplink names at least one factor (None: the method's own)")
+
+    def uploads(self, default: frozenset[str]) -> frozenset[str]:
+        """The factors this client uploads: this round's ``uplink``, else the method's ``default``."""
+        return default if self.uplink is None else self.uplink
+
+    def personal(self, default: frozenset[str]) -> frozenset[str]:
+        """Factors the client trains but never uploads: they stay on the node."""
+        return self.trainable - self.uploads(default)
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,9 @@ class Aggregator(Protocol):
     strings (so it serialises for checkpoints).
     """
 
-    #: factors each client must upload, e.g. {"A", "B"} or {"R"}
+    #: factors each client must upload, e.g. {"A", "B"} or {"R"}; a method whose upload
+    #: changes by round declares every factor it may ask for, and each round's in
+    #: ``Downlink.uplink``
     uplink: frozenset[str]
     #: adapter architecture the client builds: "lora" (B @ A) or "bra" (B @ R @ A)
     adapter_kind: str

@@ -38,18 +38,25 @@ and with equal ranks below max_rank any kept old entries outside the block.
 FedAvg, FedEx-LoRA, HetLoRA and LoRA-FAIR use the same rule on the components of
 (B, A) (``linalg.holder_weighted_mean``).
 
-Initialisation (run-constant B, A and the starting R, all per module):
-* ``initial=`` precomputed ``{"B", "A", "R"}`` per module, with R *folded* (the
-  adapter contributes ``B @ R @ A``; ``lora_sb_init`` returns exactly this). The
-  platform computes it from public calibration data with a torch model.
-* otherwise a seeded random init: B with orthonormal columns, A with orthonormal
+Initialisation (run-constant B, A and the starting R, all per module), the run config's
+``sb-init`` choosing the source (``INIT_SOURCES``; the server runs it, ``server.lora_sb_round``):
+* ``server-public`` (default): LoRA-SB's own definition (arXiv 2411.19557, Sec. 4): the
+  truncated SVD of ``dW = -lr * sign(summed gradient)`` over the coordinator's public
+  examples, a calibration part held apart from the evaluation examples
+  (``server.calibration``);
+* ``federated``: a round 0 in which the sampled nodes send linear sketches of their summed
+  gradients (``aggregation.sb_sketch``), clipped and noised on DP nodes; it approximates a
+  normalised gradient step, not the sign step (the difference is stated there);
+* ``random`` (ablation, not LoRA-SB): seeded B with orthonormal columns, A with orthonormal
   rows, R = 0 (the initial update is zero).
+The first two arrive as ``initial=`` precomputed ``{"B", "A", "R"}`` per module, with R
+*folded* (the adapter contributes ``B @ R @ A``; ``lora_sb_init`` returns exactly this).
 
-Never initialise from a client's private data while DP is on. The reference Fed-SB
-code does: its DP script (fed_sb/DP/SNLI/fed_trainer.py) estimates the init gradient
-on the training set before the PrivacyEngine is attached, so B and A, sent to every
-client, are an SVD of non-private gradients and leak those examples outside the
-privacy accounting.
+The reference Fed-SB code initialises from clients' data without accounting for it: its DP
+script (fed_sb/DP/SNLI/fed_trainer.py) estimates the init gradient on the training set before
+the PrivacyEngine is attached, so B and A, sent to every client, are an SVD of non-private
+gradients. Here a DP node's federated contribution is clipped, noised and charged to its
+privacy ledger (``client.lora_sb``).
 """
 
 from __future__ import annotations
@@ -73,6 +80,9 @@ from aggregation.base import (
 from aggregation.seeded_init import module_rng
 from aggregation.linalg import example_weights
 from aggregation.lowrank import random_orthonormal
+
+#: where the LoRA-SB init comes from (``sb-init``); the server maps each to its computation
+INIT_SOURCES = ("server-public", "federated", "random")
 
 
 @dataclass(frozen=True)

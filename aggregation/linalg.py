@@ -101,6 +101,37 @@ def holder_weighted_mean(
     return {"A": a_out, "B": b_out}
 
 
+def component_mean(previous: np.ndarray, parts: Sequence[tuple[float, np.ndarray]], *, along: str) -> np.ndarray:
+    """One factor averaged per component over the clients that hold it.
+
+    ``holder_weighted_mean``'s rule for methods that aggregate a single factor (the other
+    one shared). ``along="cols"``: component j is column j (a folded B, d_out x m);
+    ``"rows"``: row j (an A, m x d_in). Each part ``(w_k, X_k)`` holds the first r_k
+    components; component j becomes ``sum_{k: r_k > j} w_k X_k[j] / sum_{k: r_k > j} w_k``,
+    and keeps ``previous[j]`` where no part with w_k > 0 holds it. With every part at
+    the full rank this is the plain weighted mean. Returns a new float64 array.
+    """
+    if along not in ("rows", "cols"):
+        raise ValueError(f"along must be 'rows' or 'cols', got {along!r}")
+    flip = along == "cols"
+    prev = np.asarray(previous, dtype=np.float64)
+    prev = prev.T if flip else prev
+    total = np.zeros_like(prev)
+    mass = np.zeros(prev.shape[0])
+    for w, part in parts:
+        x = np.asarray(part, dtype=np.float64)
+        x = x.T if flip else x
+        if x.shape[0] > prev.shape[0] or x.shape[1] != prev.shape[1]:
+            raise ValueError(f"a {along} upload of shape {np.shape(part)} does not fit the global "
+                             f"factor of shape {np.shape(previous)}")
+        total[: x.shape[0]] += w * x
+        mass[: x.shape[0]] += w
+    held = mass > 0
+    out = prev.copy()
+    out[held] = total[held] / mass[held][:, None]
+    return out.T.copy() if flip else out
+
+
 def stack_lowrank(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> Factors:
     """[B_1 .. B_n] and [A_1; ..; A_n], so that B_stack @ A_stack = sum_i B_i @ A_i."""
     if not pairs:

@@ -166,9 +166,8 @@ def start(args: argparse.Namespace) -> int:
     command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     daemon = Daemon(command=command, env=env, ready_line=READY_LINE)
     worker = None
-    if socket is not None:  # started first: its torch import overlaps the SuperNode's start
+    if socket is not None:  # started once the SuperLink accepted the node: a rejected node loads nothing
         worker = WorkerSupervisor(socket=socket, env=env, on_give_up=lambda _why: daemon.terminate())
-        worker.start()
     try:
         code = _run_supernode(args, daemon=daemon, worker=worker, config=config, key=key)
     finally:
@@ -193,6 +192,7 @@ def _run_supernode(args: argparse.Namespace, *, daemon: Daemon, worker: WorkerSu
         raise RuntimeError(f"{exc}\n{daemon.output()[-3000:]}") from None
     if worker is not None:
         try:
+            worker.start()
             worker.wait_ready()
         except (RuntimeError, TimeoutError):
             daemon.stop()

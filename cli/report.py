@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.table import Table
-
-from cli.console import console
+from cli.console import compact_table, console
 from core.config import default_db_url
-from server.report import SUMMARY_COLUMNS, build_report, summary_row
+from server.report import SUMMARY_COLUMNS, SUMMARY_LEGEND, build_report, summary_row
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"report-{'-'.join(map(str, args.run_ids))}"
     series, page = build_report(args.db or default_db_url(), args.run_ids, out)
-    table = Table(title="fedlora runs")
-    for col in SUMMARY_COLUMNS:
-        table.add_column(col)
+    # status folds ("interrupted") before any header is cut, on an 80-column terminal
+    table = compact_table("fedlora runs", SUMMARY_COLUMNS, fold={"status"})
     for s in series:
         table.add_row(*summary_row(s))
     console.print(table)
+    console.print(SUMMARY_LEGEND, style="dim", markup=False, soft_wrap=False)
     console.print(f"plots and HTML report: {page}")
     return 0

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from rich.table import Table
 from sqlalchemy.orm import Session
 
-from cli.console import console, fmt
+from cli.console import compact_table, console, fmt
 from core.config import default_db_url
 from server.db import read
 from server.db.session import masked, open_database
+
+
+#: short headers: an 80-column terminal shows each of them whole
+RUNS_COLUMNS = ("id", "aggregator", "model", "status", "rounds", "eval ppl", "central ε", "started")
+# central ε: the user-level ε central DP spent (per-client DP-SGD ε is in `report`)
+RUNS_LEGEND = ("eval ppl: held-out perplexity after the last evaluated round; central ε: the user-level ε "
+               "central DP spent (each client's DP-SGD ε: fedlora report); started: month-day time")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     url = args.db or default_db_url()
     engine = open_database(url, create=False, write=False)  # a typo is not a new DB
-    table = Table(title=f"runs in {masked(url)}")
-    for col in ("id", "aggregator", "model", "status", "rounds", "final eval ppl", "started"):
-        table.add_column(col)
+    # model (a hub id or a path: free text) folds before any header is cut at 80 columns
+    table = compact_table(f"runs in {masked(url)}", RUNS_COLUMNS, fold={"model"})
     with Session(engine) as session:
         for row in read.all_runs(session):
             evals = read.evaluations(session, row.id)
             table.add_row(str(row.id), row.aggregator, row.model, row.status, str(len(read.rounds(session, row.id))),
-                          fmt(evals[-1].perplexity if evals else None, 2), row.started_at.strftime("%Y-%m-%d %H:%M"))
+                          fmt(evals[-1].perplexity if evals else None, 2),
+                          fmt(read.central_epsilon(session, row.id), 3), row.started_at.strftime("%m-%d %H:%M"))
     console.print(table)
+    console.print(RUNS_LEGEND, style="dim", markup=False, soft_wrap=False)
     return 0

@@ -19,12 +19,13 @@ from sqlalchemy import Engine
 from cli import APP_DIR, run_config
 from cli.console import console
 from cli.local_superlink import LocalSuperLink, terminate_tree
-from cli.progress import follow, mark_interrupted, summarize
+from cli.progress import central_plan, follow, mark_interrupted, summarize
 from core.config import RunConfig, default_db_url
 from core.data import load_examples, partition, split_heldout
 from core.presets import load_base
 from privacy.settings import parse_run_config
 from server.db.session import masked, open_database
+from server.tracking import MlflowSink, absolute_uri
 
 #: keys ``simulate`` sets itself (the node count comes from --num-clients)
 OWN_KEYS = frozenset({"simulation-nodes"})
@@ -57,6 +58,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if own:
         raise ValueError(f"simulate sets {', '.join(own)} itself (use --num-clients)")
     given.setdefault("db-url", default_db_url())  # absolute: the ServerApp runs in another process
+    if given.get("mlflow-uri"):  # likewise a local MLflow store
+        given["mlflow-uri"] = absolute_uri(str(given["mlflow-uri"]))
     given.update({"simulation-nodes": args.num_clients, "run-tag": uuid.uuid4().hex[:16]})
     # More per round than there are clients: each round samples all of them. Say so, and
     # record (and print in the header) the number that really trains.
@@ -84,6 +87,8 @@ def preflight(cfg: RunConfig, num_clients: int) -> Engine:
     base = load_base(cfg.model)  # also builds the converted cache once, before clients race for it
     # e.g. rank vs module size; the ServerApp runs Fed-SB's calibration, not this check
     make_aggregator(cfg, base, calibrate=False).init_state(model_spec(cfg, base.model))
+    if cfg.mlflow_uri:  # opens the store (and its experiment) now, naming the URI if it cannot
+        MlflowSink(uri=cfg.mlflow_uri)
     if cfg.model == "tiny":
         console.print("[yellow]model 'tiny' is a smoke-test model: it learns nothing useful[/]")
     return engine
@@ -95,6 +100,9 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
     verb = f"resuming run {cfg.resume_run_id}" if cfg.resume_run_id else "fedlora"
     console.print(f"[bold]{verb}[/] {cfg.aggregator} | model {cfg.model} | {federation['num-supernodes']} clients "
                   f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds")
+    plan = central_plan(cfg, federation["num-supernodes"])
+    if plan:
+        console.print(plan, markup=False)
     started = time.monotonic()
     run = None
     try:
@@ -106,7 +114,8 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
                 terminate_tree(process)
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM: the SuperLink is stopped by now; say so in the run's row too
-        run = mark_interrupted(engine, cfg.run_tag, "stopped by the user (Ctrl-C or SIGTERM)")
+        run = mark_interrupted(engine, cfg.run_tag, "stopped by the user (Ctrl-C or SIGTERM)",
+                               mlflow_uri=cfg.mlflow_uri)
         if run is not None:
             console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
         raise

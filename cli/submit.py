@@ -24,7 +24,7 @@ from cli.flower import (
     run_flwr, write_connection, write_toml,
 )
 from cli.local_superlink import flower_bin
-from cli.progress import EXIT_CLIENT_FAILURES, HEADER, round_rows
+from cli.progress import EXIT_CLIENT_FAILURES, HEADER, round_rows, watch
 from cli.run_config import parse_assignment
 from privacy.settings import parse_run_config
 from server.db import read
@@ -50,7 +50,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = run_overrides(args)
     app = Path(args.app).expanduser().resolve()
-    parse_run_config({**app_defaults(app), **overrides})  # bad keys/values: named, before submitting
+    cfg = parse_run_config({**app_defaults(app), **overrides})  # bad keys/values: named, before submitting
     ca = connection_ca(args)
     probe(args.coordinator, ca=ca, tls=not args.insecure)
     home = Path(args.home).expanduser().resolve()
@@ -65,21 +65,27 @@ def run(args: argparse.Namespace) -> int:
     if args.detach:
         console.print(f"follow it: FLWR_HOME={home} flwr log {run_id} {connection}", markup=False)
         return 0
-    stream = Daemon(command=[flower_bin("flwr"), "log", str(run_id), connection, "--stream"], env=flower_env(home))
-    stream.start()
-    stream.wait()
+    log_command = [flower_bin("flwr"), "log", str(run_id), connection, "--stream"]
+    live = bool(args.db) and console.is_terminal  # the record is readable here: live progress, the log to a file
+    if live:
+        watch(args.db, overrides["run-tag"], log_command, env=flower_env(home), rounds=cfg.num_server_rounds,
+              log_path=home / "logs" / f"run-{run_id}.log")
+    else:
+        stream = Daemon(command=log_command, env=flower_env(home))
+        stream.start()
+        stream.wait()
     status = _succeeded(run_flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"],
                                   home=home, timeout=60), "flwr ls")["runs"][0]
     if status["status"] != "finished:completed":
         console.print(f"run {run_id} {status['status']}: {status.get('status-details', '')}", style="red", markup=False)
         return 1
     if args.db:  # the run's record is readable here: its clients decide the exit status too
-        return client_outcome(args.db, overrides["run-tag"], run_id)
+        return client_outcome(args.db, overrides["run-tag"], run_id, print_rows=not live)
     console.print(f"run {run_id} completed; rounds: fedlora runs --db <the coordinator's database>", markup=False)
     return 0
 
 
-def client_outcome(db_url: str, tag: str, run_id: int) -> int:
+def client_outcome(db_url: str, tag: str, run_id: int, *, print_rows: bool = True) -> int:
     """Print the run's rounds from its record; EXIT_CLIENT_FAILURES when a client failed or was rejected.
 
     Flower says "completed" when the ServerApp returned, whatever its clients did; the
@@ -90,9 +96,10 @@ def client_outcome(db_url: str, tag: str, run_id: int) -> int:
         row = read.run_by_tag(session, tag)
         if row is None:
             raise RuntimeError(f"run {run_id} completed but {masked(db_url)} holds no run tagged {tag}")
-        console.print(HEADER)
-        for line in round_rows(session, row.id):
-            console.print(line, markup=False)
+        if print_rows:  # not again after the live display printed them
+            console.print(HEADER)
+            for line in round_rows(session, row.id):
+                console.print(line, markup=False)
         record_id = row.id
     failures = read.failed_clients(engine, record_id)
     if failures:

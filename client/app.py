@@ -41,6 +41,16 @@ def train(msg: Message, context: Context) -> Message:
     return handle("train", msg, context)
 
 
+@app.query("lora_sb")  # message type "query.lora_sb": Fed-SB's federated LoRA-SB init (client.lora_sb)
+def lora_sb(msg: Message, context: Context) -> Message:
+    return handle("lora_sb", msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return handle("evaluate", msg, context)
+
+
 def handle(action: str, msg: Message, context: Context) -> Message:
     socket = context.node_config.get(WORKER_KEY)
     if not socket:
@@ -49,9 +59,10 @@ def handle(action: str, msg: Message, context: Context) -> Message:
         answer = channel.call(str(socket), action, msg, context)
     except channel.WorkerUnavailable as exc:
         log(ERROR, "%s", exc)
-        if action != "train":
+        if action not in ("train", "evaluate"):
             raise  # Flower's error reply: the server refuses the node this round and asks again
-        return status_reply(msg, status="failed", reason=str(exc), metrics=_ledger_metrics(context))
+        metrics = _ledger_metrics(context) if action == "train" else {}
+        return status_reply(msg, status="failed", reason=str(exc), metrics=metrics)
     context.state = answer.state  # what Flower persists for the node's next message
     return Message(answer.content, reply_to=msg)
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import hashlib
 import os
 import traceback
 from logging import ERROR
@@ -33,78 +31,28 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from core.data import Example, load_examples, partition, split_heldout
+from core.data import Example
 from core.model import AdaptedModel, AdapterSpec, fold_into_base
-from core.presets import BaseModel, load_base
 from core.trainer import TrainConfig, device, train
 from privacy.central import clip_update
 from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger, dataset_fingerprint
 from privacy.private_round import PrivateRound, private_round
 from privacy.settings import check_node_config, local_dp, parse_run_config
-from aggregation.base import check_rank
+from client import evaluate as node_evaluate  # federated evaluation on the node's held-out slice
 from client import lora_sb  # Fed-SB's federated LoRA-SB init (round 0)
 from client.messages import status_reply
 from client.personal import PersonalRound, personal_factors
+from client.node import (  # noqa: F401  (re-exported: the node's helpers, used by tests and by the worker)
+    BASE_LOADS, cached_base, known_merges, local_examples, node_identity, node_key, node_split, stable_seed,
+)
 from core.config import RunConfig
-from core.wire import merges_to_record, record_to_merges, record_to_tensors, tensors_to_record
-
-# How often this process has loaded a base model: the worker's promise is once per model,
-# so replies carry it (``base-loads``) and the performance suite counts it.
-BASE_LOADS = {"count": 0}
-
-
-@functools.lru_cache(maxsize=2)
-def cached_base(model: str) -> BaseModel:
-    BASE_LOADS["count"] += 1
-    return load_base(model)
-
-
-@functools.lru_cache(maxsize=4)
-def cached_examples(data: str) -> tuple[Example, ...]:
-    return tuple(load_examples(data))
-
-
-def node_identity(context: Context, cfg: RunConfig) -> tuple[int, float]:
-    """(rank, alpha) of this node: node_config first, else the run config by partition."""
-    node = context.node_config
-    if "lora-rank" in node:
-        rank = int(node["lora-rank"])
-    else:
-        rank = cfg.rank_for_partition(int(node.get("partition-id", 0)))
-    check_rank(rank, cfg.max_rank)
-    alpha = float(node.get("lora-alpha", cfg.lora_alpha))
-    return rank, alpha
-
-
-def node_key(context: Context) -> str:
-    """A name for this node that survives restarts (Flower's node ids are per run)."""
-    node = context.node_config
-    if "node-name" in node:
-        return str(node["node-name"])
-    if "partition-id" in node:
-        return f"partition-{int(node['partition-id'])}"
-    return str(context.node_id)
-
-
-def stable_seed(*parts: object) -> int:
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def local_examples(context: Context, cfg: RunConfig) -> list[Example]:
-    node = context.node_config
-    if "data-path" in node:  # deployment: the node's own file is its partition
-        return list(cached_examples(str(node["data-path"])))
-    train_split, _ = split_heldout(cached_examples(cfg.data), cfg.eval_fraction, cfg.seed)
-    parts = partition(train_split, cfg.partition, int(node.get("num-partitions", 1)), cfg.seed)
-    return parts[int(node.get("partition-id", 0))]
-
+from core.wire import record_to_tensors, tensors_to_record
 
 def query(msg: Message, context: Context) -> Message:
     cfg = parse_run_config(context.run_config)
     rank, alpha = node_identity(context, cfg)
-    info = MetricRecord({"rank": rank, "alpha": alpha, "num-examples": len(local_examples(context, cfg))})
+    info = MetricRecord({"rank": rank, "alpha": alpha, "num-examples": len(node_split(context, cfg)[0])})
     return Message(RecordDict({"info": info, "identity": ConfigRecord({"node-key": node_key(context)})}), reply_to=msg)
 
 
@@ -124,7 +72,7 @@ def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Messa
     cfg = parse_run_config(context.run_config)
     settings = msg.content["config"]
 
-    merges = _known_merges(msg, context)
+    merges = known_merges(msg, context)
     needed = [r for r in settings["merge-rounds"] if r > 0]
     lacking = [r for r in needed if r not in merges]
     frozen = _known_frozen(msg, context, str(settings["frozen-hash"]))
@@ -133,7 +81,7 @@ def _train(msg: Message, context: Context, stack: contextlib.ExitStack) -> Messa
         merged = max([r for r in merges if all(q in merges for q in needed if q <= r)] or [0])
         return _reply(msg, status="resync", reason=reason, metrics={"merged-through": merged})
 
-    examples = local_examples(context, cfg)
+    examples, _ = node_split(context, cfg)  # never the held-out slice of federated evaluation
     dp_round = _private_round(context, cfg, settings, examples, stack)
     held = {"merged-through": max(needed or [0])}
     if dp_round is not None and dp_round.declined:
@@ -224,6 +172,9 @@ def _private_round(
     return stack.enter_context(
         private_round(
             settings=dp, node=_ledger_identity(context), examples=examples, run_key=cfg.run_tag or str(context.run_id),
+            # the ledger is the node's whole data's (held-out slice included: its evaluations are
+            # releases too), so switching federated evaluation on never opens a fresh ledger
+            fingerprint=dataset_fingerprint(local_examples(context, cfg)),
             batch_size=int(settings["batch-size"]), local_steps=int(settings["local-steps"]),
             planned_rounds=cfg.num_server_rounds,
         )
@@ -234,14 +185,6 @@ def _ledger_identity(context: Context) -> str:
     # the ledger must find the same file next run: a stable name, never Flower's per-run node id
     node = context.node_config
     return node_key(context) if ("node-name" in node or "partition-id" in node) else "local"
-
-
-def _known_merges(msg: Message, context: Context) -> dict[int, dict]:
-    """Base updates held from earlier rounds plus those in this message; stored back."""
-    held = record_to_merges(context.state["merges"]) if "merges" in context.state.array_records else {}
-    held.update(record_to_merges(msg.content["merges"]))
-    context.state["merges"] = merges_to_record(sorted(held.items()))
-    return held
 
 
 def _known_frozen(msg: Message, context: Context, want: str) -> dict | None:
@@ -261,7 +204,8 @@ def _reply(msg: Message, *, status: str, metrics: dict, reason: str = "", frozen
 
 # Flower action -> handler; the thin ClientApp (client.app) registers the same names and
 # the worker (client.worker) serves exactly these.
-HANDLERS = {"query": query, "train": train_handler, lora_sb.ACTION: lora_sb.handle}
+HANDLERS = {"query": query, "train": train_handler, node_evaluate.ACTION: node_evaluate.handle,
+            lora_sb.ACTION: lora_sb.handle}
 
 
 def ledger_metrics(context: Context) -> dict[str, float]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aggregation
 from aggregation.base import check_rank
+from aggregation.fed_sb import INIT_SOURCES
 from core.data import parse_partition
 
 DB_ENV = "FEDLORA_DB_URL"
@@ -74,16 +75,38 @@ class RunConfig:
     max_seq_len: int = setting(128, "tokens per example (longer ones are truncated)")
     model: str = setting("smollm2", "'smollm2', 'tiny' (smoke test), a hub id or a local path")
     data: str = setting("chatterbot", "'chatterbot', a .jsonl file or directory, or hf:NAME[:SPLIT]", path=True)
-    partition: str = setting("topic", "iid | dirichlet:ALPHA | topic | file")
+    partition: str = setting("topic", "iid | dirichlet:ALPHA | topic | pathological:K | shard:N | file "
+                                      "(flwr-datasets partitioners over category/source)")
     eval_examples: int = setting(64, "server-side held-out examples per evaluation (0: none)")
     eval_fraction: float = setting(0.1, "share of the data held out for the server's evaluation")
+    fraction_evaluate: float = setting(0.0, "federated evaluation: share of the connected nodes that evaluate "
+                                            "the global adapter on their own held-out slice in evaluated rounds "
+                                            "(Flower's name; 0: off)")
+    node_eval_fraction: float = setting(0.1, "federated evaluation: share of each node's data it holds out (and "
+                                             "never trains on) for its evaluations; a node's own "
+                                             "node-eval-fraction overrides it")
+    node_eval_report: str = setting("per-node", "federated evaluation: per-node (every node's row is recorded) | "
+                                                "aggregate (only the round's aggregate and spread)")
+    eval_every: int = setting(2, "server-side evaluation every K rounds (round 0 and the last round always); "
+                                 "it runs beside the next round's training")
     db_url: str = setting("", "SQLAlchemy URL of the round log (empty: $FEDLORA_DB_URL or runs/fedlora.db)", aliases=('--db',))
     seed: int = setting(0, "seed for partitioning, sampling and initialisation")
     round_timeout: float = setting(3600.0, "seconds a round waits for replies")
     run_tag: str = setting("", "set by the CLI: finds the run's row", internal=True)
     aggregator_options: str = setting("", "method options, e.g. 'solver=paper,ridge=0.01' (lora-fair)")
-    calibration_data: str = setting("", "fed-sb: public data for the LoRA-SB init", path=True)
-    calibration_batches: int = setting(4, "fed-sb: batches of calibration data")
+    sb_init: str = setting("server-public", "fed-sb: source of the LoRA-SB init: server-public (the coordinator's "
+                                            "public examples, apart from the evaluation ones) | federated (a round 0 "
+                                            "over the nodes' data) | random (ablation: no LoRA-SB init)")
+    calibration_data: str = setting("", "fed-sb server-public init: public data to use instead of the run's "
+                                        "held-out examples", path=True)
+    calibration_batches: int = setting(4, "fed-sb: batches of batch-size examples for the LoRA-SB init "
+                                          "(per node with sb-init=federated)")
+    sb_init_oversample: int = setting(10, "fed-sb federated init: sketch oversampling p (range sketch "
+                                          "max-rank+p columns, co-range sketch max-rank+2p rows)")
+    sb_init_dp_share: float = setting(0.25, "fed-sb federated init: share of a DP node's remaining ε target its "
+                                            "sketch may spend (a fixed dp-noise-multiplier is used as it is)")
+    server_threads: int = setting(1, "BLAS/OpenMP threads for the server's linear algebra, scoped to it "
+                                     "(0: no limit)")
     checkpoint_dir: str = setting("", "checkpoint root (empty: runs/checkpoints)", path=True)
     keep_checkpoints: int = setting(3, "checkpoints kept per run")
     resume_run_id: int = setting(0, "continue this run from its last checkpoint (fedlora resume sets it)", internal=True)
@@ -103,6 +126,10 @@ class RunConfig:
     dp_state_dir: str = setting("", "per-node privacy ledgers (empty: .cache/privacy)", path=True)
     dp_central_clip: float = setting(0.0, "central DP: per-client update clip (0: off)")
     dp_central_noise: float = setting(0.0, "central DP: noise multiplier")
+    dp_central_epsilon: float = setting(0.0, "central DP: user-level ε budget; the run stops before a round "
+                                             "would pass it (0: no budget)")
+    mlflow_uri: str = setting("", "MLflow tracking URI (e.g. sqlite:///abs/mlflow.db, http://host:5000): "
+                                  "log the run there too (empty: off)")
 
     def __post_init__(self) -> None:
         aggregation.get_class(self.aggregator)  # unknown name: lists the valid ones
@@ -114,6 +141,13 @@ class RunConfig:
         _positive("batch-size", self.batch_size)
         _positive("max-seq-len", self.max_seq_len)
         _positive("eval-examples", self.eval_examples, allow_zero=True)
+        _positive("eval-every", self.eval_every)
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        check_node_eval_fraction(self.node_eval_fraction, where="node-eval-fraction")
+        if self.node_eval_report not in NODE_EVAL_REPORTS:
+            raise ValueError(f"node-eval-report must be one of {', '.join(NODE_EVAL_REPORTS)}, "
+                             f"got {self.node_eval_report!r}")
         if self.min_clients > self.clients_per_round:
             raise ValueError(
                 f"min-clients ({self.min_clients}) exceeds clients-per-round ({self.clients_per_round})"
@@ -132,6 +166,14 @@ class RunConfig:
             raise ValueError(f"target-modules is empty: {self.target_modules!r}")
         parse_partition(self.partition)
         _positive("calibration-batches", self.calibration_batches)
+        if self.sb_init not in INIT_SOURCES:
+            raise ValueError(f"sb-init must be one of {', '.join(INIT_SOURCES)}, got {self.sb_init!r}")
+        if self.calibration_data and self.sb_init != "server-public":
+            raise ValueError(f"calibration-data is only read by sb-init=server-public, not sb-init={self.sb_init}")
+        _positive("sb-init-oversample", self.sb_init_oversample, allow_zero=True)
+        if not 0.0 < self.sb_init_dp_share <= 1.0:
+            raise ValueError(f"sb-init-dp-share must be in (0, 1], got {self.sb_init_dp_share}")
+        _positive("server-threads", self.server_threads, allow_zero=True)
         _positive("keep-checkpoints", self.keep_checkpoints)
         _positive("resume-run-id", self.resume_run_id, allow_zero=True)
         _positive("round-retries", self.round_retries, allow_zero=True)
@@ -219,6 +261,15 @@ def _literal(raw: str) -> Any:
     return raw
 
 
+
+
+NODE_EVAL_REPORTS = ("per-node", "aggregate")
+
+
+def check_node_eval_fraction(value: float, *, where: str) -> None:
+    """A node's held-out share: the one statement of its range (run config and node config)."""
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{where} must be in (0, 1), got {value}")
 
 
 def _positive(key: str, value: int, *, allow_zero: bool = False) -> None:

@@ -8,9 +8,9 @@ Sources (``load_examples``):
                          files loads them all (``source`` = file name, for ``file``).
   ``hf:NAME[:SPLIT]``    a Hugging Face dataset with the Alpaca columns (needs the hub).
 
-Partitioners (``partition``), all deterministic given the seed:
-  ``iid``, ``dirichlet:ALPHA`` (over ``category``), ``topic`` (whole categories per
-  client, round-robin), ``file`` (one partition per source file).
+Partitioning (``partition``, ``parse_partition``) lives in ``core.partition`` (flwr-datasets'
+partitioners: ``iid``, ``dirichlet:ALPHA``, ``topic``, ``pathological:K``, ``shard:N``,
+``file``) and is re-exported here, where the callers have always imported it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
+
+from core.partition import parse_partition, partition  # noqa: F401 (re-exported: callers import them from here)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ def _alpaca_row(row: dict, source: str, line: int) -> Example:
     except KeyError as exc:
         raise ValueError(f"{source}:{line}: missing field {exc.args[0]!r} (need instruction/output)") from None
     prompt = instruction if not row.get("input") else f"{instruction}\n\n{row['input']}"
-    return Example(str(prompt), str(output), category=str(row.get("category", "")), source=source)
+    # a Hugging Face table fills a column missing from a row with None: no category, not "None"
+    category = row.get("category")
+    return Example(str(prompt), str(output), category="" if category is None else str(category), source=source)
 
 
 def load_jsonl(path: Path) -> list[Example]:
@@ -141,7 +144,7 @@ def load_examples(spec: str) -> list[Example]:
     return examples
 
 
-# --- split and partition -------------------------------------------------------------------
+# --- held-out split -------------------------------------------------------------------------
 
 
 def _stable_key(ex: Example, seed: int) -> int:
@@ -158,87 +161,6 @@ def split_heldout(
     ordered = sorted(examples, key=lambda ex: _stable_key(ex, seed))
     n_held = max(1, round(len(ordered) * fraction))
     return ordered[n_held:], ordered[:n_held]
-
-
-Partitioner = Callable[[Sequence[Example], int, np.random.Generator, str], list[list[Example]]]
-_PARTITIONERS: dict[str, Partitioner] = {}
-
-
-def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
-    def decorator(fn: Partitioner) -> Partitioner:
-        if name in _PARTITIONERS:
-            raise ValueError(f"partitioner {name!r} is already registered")
-        _PARTITIONERS[name] = fn
-        return fn
-
-    return decorator
-
-
-def parse_partition(spec: str) -> tuple[str, str]:
-    """'dirichlet:0.5' -> ('dirichlet', '0.5'); unknown names list the valid ones."""
-    name, _, arg = spec.partition(":")
-    if name not in _PARTITIONERS:
-        raise ValueError(f"unknown partition {spec!r}; valid: {', '.join(sorted(_PARTITIONERS))}")
-    return name, arg
-
-
-def partition(
-    examples: Sequence[Example], spec: str, num_partitions: int, seed: int
-) -> list[list[Example]]:
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    name, arg = parse_partition(spec)
-    parts = _PARTITIONERS[name](examples, num_partitions, np.random.default_rng(seed), arg)
-    empty = [i for i, p in enumerate(parts) if not p]
-    if empty:
-        raise ValueError(
-            f"partition {spec!r} leaves partitions {empty} of {num_partitions} empty: "
-            "use fewer clients or another partitioner"
-        )
-    return parts
-
-
-@register_partitioner("iid")
-def _iid(examples, n, rng, _arg):
-    order = rng.permutation(len(examples))
-    return [[examples[i] for i in chunk] for chunk in np.array_split(order, n)]
-
-
-@register_partitioner("dirichlet")
-def _dirichlet(examples, n, rng, arg):
-    try:
-        alpha = float(arg or 0.5)
-    except ValueError:
-        raise ValueError(f"dirichlet concentration must be a number, got {arg!r}") from None
-    if alpha <= 0:
-        raise ValueError(f"dirichlet concentration must be > 0, got {alpha}")
-    parts: list[list[Example]] = [[] for _ in range(n)]
-    for category in sorted({ex.category for ex in examples}):
-        members = [ex for ex in examples if ex.category == category]
-        members = [members[i] for i in rng.permutation(len(members))]
-        shares = rng.dirichlet([alpha] * n)
-        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-        for i, chunk in enumerate(np.split(np.arange(len(members)), cuts)):
-            parts[i].extend(members[j] for j in chunk)
-    return parts
-
-
-@register_partitioner("topic")
-def _topic(examples, n, rng, _arg):
-    categories = sorted({ex.category for ex in examples})
-    owner = {c: i % n for i, c in enumerate(categories)}
-    parts: list[list[Example]] = [[] for _ in range(n)]
-    for ex in examples:
-        parts[owner[ex.category]].append(ex)
-    return parts
-
-
-@register_partitioner("file")
-def _file(examples, n, rng, _arg):
-    sources = sorted({ex.source for ex in examples})
-    if len(sources) != n:
-        raise ValueError(f"partition 'file' needs one client per file: {len(sources)} files, {n} clients")
-    return [[ex for ex in examples if ex.source == s] for s in sources]
 
 
 # --- tokenisation --------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerFast
     name: str
     label: str  # what the progress output shows, e.g. "tiny (smoke-test model)"
+    hub_id: str | None = None  # the Hugging Face hub id of these weights, where a preset knows it (exports)
+    path: Path | None = None  # the directory the weights load from, when they are on disk
 
 
 _PRESETS: dict[str, Callable[[Path], BaseModel]] = {}
@@ -82,7 +84,9 @@ def load_base(name: str) -> BaseModel:
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model=model, tokenizer=tokenizer, name=name, label=name)
+    local = Path(name).expanduser()
+    return BaseModel(model=model, tokenizer=tokenizer, name=name, label=name,
+                     path=local.resolve() if local.is_dir() else None)
 
 
 # --- tiny: built from config, tokenizer trained on packaged text -------------------------
@@ -168,6 +172,7 @@ def _seeded(seed: int) -> Iterator[None]:
 # --- smollm2: the packaged GGUF, converted once --------------------------------------------
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def smollm2_package_dir() -> Path:
@@ -189,7 +194,8 @@ def _smollm2(cache: Path) -> BaseModel:
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return BaseModel(
-        model=model.eval(), tokenizer=tokenizer, name="smollm2", label="SmolLM2-135M-Instruct"
+        model=model.eval(), tokenizer=tokenizer, name="smollm2", label="SmolLM2-135M-Instruct",
+        hub_id=SMOLLM2_HUB_ID, path=target,  # hub id: the weights the GGUF was quantised from
     )
 
 

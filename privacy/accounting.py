@@ -1,4 +1,4 @@
-"""Privacy accounting over a node's whole DP-SGD history, with Opacus's accountants.
+"""Privacy accounting with Opacus's accountants: a node's DP-SGD history, a run's central DP.
 
 A history is Opacus's own format: ``((noise_multiplier, sample_rate, steps), ...)``,
 one entry per run of steps with the same noise and sample rate. Everything here is a
@@ -10,15 +10,22 @@ discretises each entry separately, so ``[(s, q, 3), (s, q, 3)]`` and ``[(s, q, 6
 give slightly different upper bounds. Merging keeps "3 rounds of n steps" bit-for-bit
 equal to "3n steps in one go".
 
+``CentralAccount`` applies the same functions to central (user-level) DP: each
+aggregated round is one release of the sampled Gaussian mechanism, so a run's history
+is ``((z, q, rounds), ...)`` with q the share of nodes sampled per round.
+
 Opacus is imported lazily (it adds seconds to start-up), so the server and config
 validation can use the accountant names without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -199,3 +206,89 @@ def affordable_steps(
         else:
             high = mid
     return low
+
+
+# --- central (user-level) DP: one sampled Gaussian release per aggregated round ------------
+
+
+class CentralBudgetExhausted(RuntimeError):
+    """The next round would take the run's user-level ε past ``dp-central-epsilon``."""
+
+
+def sample_rate(clients_per_round: int, nodes: int) -> float:
+    """q = clients per round / nodes (1 when there are fewer nodes than that).
+
+    The strategy samples a fixed number of nodes without replacement; the accountants
+    assume Poisson sampling at q. Treating one as the other is the usual DP-FedAvg
+    analysis (McMahan et al. 2018) and what Flower's DP wrappers do. Retries within a
+    round (``round-retries``) re-sample nodes that did not reply and are not counted.
+    """
+    if clients_per_round < 1:
+        raise ValueError(f"clients per round must be >= 1, got {clients_per_round}")
+    return 1.0 if nodes <= clients_per_round else clients_per_round / nodes
+
+
+@dataclass(frozen=True, kw_only=True)
+class CentralAccount:
+    """The user-level ε a run's central DP has spent, and its budget (0: none)."""
+
+    noise_multiplier: float
+    delta: float
+    accountant: str = "prv"
+    budget: float = 0.0
+    history: History = ()
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"central DP accounting needs a noise multiplier > 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
+        if not (math.isfinite(self.budget) and self.budget >= 0):
+            raise ValueError(f"dp-central-epsilon must be a finite number >= 0 (0 = no budget), got {self.budget}")
+        check_accountant(self.accountant)
+        object.__setattr__(self, "history", check_history(self.history))
+
+    @functools.cached_property
+    def epsilon(self) -> float:
+        """ε spent so far at ``delta`` (0 before the first aggregated round)."""
+        return epsilon(self.history, delta=self.delta, accountant=self.accountant)
+
+    @property
+    def rounds(self) -> int:
+        return total_steps(self.history)
+
+    def projected(self, rate: float) -> float:
+        """ε after one more round at sample rate ``rate``."""
+        return epsilon(compose(self.history, self.noise_multiplier, rate, 1), delta=self.delta,
+                       accountant=self.accountant)
+
+    def check_next(self, *, round_number: int, rate: float) -> float:
+        """The projected ε of round ``round_number``; raises before a round that would pass the budget."""
+        projected = self.projected(rate)
+        if self.budget and projected > self.budget:
+            raise CentralBudgetExhausted(
+                f"central DP budget exhausted: round {round_number} would bring user-level ε to "
+                f"{projected:.6g} > dp-central-epsilon {self.budget:.6g} (δ = {self.delta:g}, q = {rate:.4g}, "
+                f"z = {self.noise_multiplier:g}); spent {self.epsilon:.6g} over {self.rounds} rounds"
+            )
+        return projected
+
+    def charged(self, rate: float) -> CentralAccount:
+        """This account after one aggregated (noised) round at sample rate ``rate``."""
+        return dataclasses.replace(self, history=compose(self.history, self.noise_multiplier, rate, 1))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accountant": self.accountant, "history": [list(entry) for entry in self.history]}
+
+    def restored(self, saved: Mapping[str, Any] | None, *, rounds: int) -> CentralAccount:
+        """Continue from a checkpoint's ``to_json``.
+
+        A checkpoint written before central DP was accounted holds none: its ``rounds``
+        are counted at q = 1, an upper bound on what they spent (ε grows with q).
+        """
+        if not saved:
+            return dataclasses.replace(self, history=((self.noise_multiplier, 1.0, rounds),) if rounds else ())
+        if saved.get("accountant") != self.accountant:
+            raise ValueError(f"checkpoint's central DP accountant {saved.get('accountant')!r} is not "
+                             f"dp-accountant {self.accountant!r}")
+        return dataclasses.replace(self, history=check_history(saved.get("history", ())))

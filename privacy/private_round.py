@@ -134,9 +134,15 @@ def private_round(
     batch_size: int,
     local_steps: int,
     planned_rounds: int,
+    fingerprint: str | None = None,
 ) -> Iterator[PrivateRound]:
-    """Plan a round for ``node`` on ``examples`` with the ledger locked until it ends."""
-    ledger = PrivacyLedger(directory=settings.ledger_directory(), node=node, dataset=dataset_fingerprint(examples))
+    """Plan a round for ``node`` on ``examples`` with the ledger locked until it ends.
+
+    The ledger is the one of ``fingerprint`` (the node's whole dataset) when given, else of
+    ``examples``: a node that trains on part of its data keeps its data's one ledger.
+    """
+    dataset = fingerprint if fingerprint is not None else dataset_fingerprint(examples)
+    ledger = PrivacyLedger(directory=settings.ledger_directory(), node=node, dataset=dataset)
     with ledger.locked():
         yield PrivateRound(
             settings=settings, ledger=ledger, run_key=run_key, num_examples=len(examples),

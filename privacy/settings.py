@@ -14,7 +14,8 @@ Keys (run config and node config alike; 0 / empty means off):
 Local DP-SGD is on when dp-epsilon or dp-noise-multiplier is > 0. A node's own
 ``node_config`` wins over the run config, so an organisation can demand a stricter
 budget than the federation's default. The central-DP keys (dp-central-clip,
-dp-central-noise) are run-wide only: the server calibrates its noise to one clip, so
+dp-central-noise, and dp-central-epsilon, the user-level ε budget the server enforces
+before each round) are run-wide only: the server calibrates its noise to one clip, so
 a node may not change it. Any other ``dp-*`` key in a node's config, or a value that
 does not parse, is refused (``check_node_config``) at ``client start`` and again by
 the ClientApp, never ignored.
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RunConfig
-from privacy.accounting import check_accountant
+from privacy.accounting import CentralAccount, check_accountant
 from privacy.budget import check_policy
 from privacy.central import check_central_dp
 from privacy.opacus_support import check_grad_sample_mode
@@ -104,7 +105,7 @@ LOCAL_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dp-grad-sample-mode": ("grad_sample_mode", str),
     "dp-state-dir": ("state_dir", str),
 }
-CENTRAL_KEYS = ("dp-central-clip", "dp-central-noise")
+CENTRAL_KEYS = ("dp-central-clip", "dp-central-noise", "dp-central-epsilon")
 DP_PREFIX = "dp-"  # every DP key starts with it; other node_config keys (rank, data) are not DP's
 
 
@@ -181,3 +182,21 @@ def check_run_config(run_config: Mapping[str, Any]) -> None:
         raise ValueError(f"dp-central-noise {noise} needs dp-central-clip > 0: noise is calibrated to the clip")
     if clip > 0:
         check_central_dp(str(run_config.get("aggregator", "")))
+    budget = float(run_config.get("dp-central-epsilon", 0.0))
+    if not (math.isfinite(budget) and budget >= 0):
+        raise ValueError(f"dp-central-epsilon must be a finite number >= 0 (0 = no budget), got {budget}")
+    if budget > 0 and noise == 0:
+        raise ValueError(f"dp-central-epsilon {budget} needs dp-central-noise > 0: without noise there is no ε")
+    if noise > 0:  # the account's own checks (dp-delta, dp-accountant) apply with central DP alone too
+        central_account(run_config)
+
+
+def central_account(run_config: Mapping[str, Any]) -> CentralAccount | None:
+    """The run's user-level ε account, or None without central DP noise (nothing to account)."""
+    noise = float(run_config.get("dp-central-noise", 0.0))
+    if not noise > 0:
+        return None
+    _, delta = _read("dp-delta", run_config.get("dp-delta", DEFAULT_DELTA), where="run config")
+    _, accountant = _read("dp-accountant", run_config.get("dp-accountant", "prv"), where="run config")
+    return CentralAccount(noise_multiplier=noise, delta=delta, accountant=accountant,
+                          budget=float(run_config.get("dp-central-epsilon", 0.0)))

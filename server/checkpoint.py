@@ -1,7 +1,8 @@
 """Round checkpoints: everything needed to continue a run from its last round.
 
 A checkpoint holds the aggregator's cross-round state, the base-update log, the
-round counter, the client-sampling RNG state and the run config with its hash. It
+round counter, the client-sampling RNG state, the run's privacy accounts (central
+DP's user-level ε history) and the run config with its hash. It
 is one ``.npz`` file (arrays plus a JSON header; no pickle), written to a temporary
 name and renamed, then referenced from the database in the same transaction as the
 round's rows. A crash between the two leaves an unreferenced file that the redone
@@ -26,7 +27,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ from aggregation.base import Tensors
 from aggregation.serialize import from_tree, to_tree
 
 # Keys that may legitimately differ between a run and its resumption.
-VOLATILE_KEYS = frozenset({"resume-run-id", "db-url", "round-timeout", "checkpoint-dir", "keep-checkpoints"})
+VOLATILE_KEYS = frozenset({"resume-run-id", "db-url", "round-timeout", "checkpoint-dir", "keep-checkpoints",
+                           "mlflow-uri"})  # where the run is also tracked is no part of the experiment
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -52,6 +54,8 @@ class Checkpoint:
     merge_log: list[tuple[int, Tensors]]
     rng_state: dict[str, Any]
     config: dict[str, Any]
+    # the run's privacy accounts, e.g. {"central": CentralAccount.to_json()}: a resume continues them
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -110,6 +114,7 @@ def save(checkpoint: Checkpoint, directory: Path) -> tuple[Path, str]:
         "rng_state": checkpoint.rng_state,
         "config": checkpoint.config,
         "config_hash": checkpoint.config_hash,
+        "privacy": checkpoint.privacy,
     }
     names = {f"a{i}": key for i, key in enumerate(arrays)}
     header["arrays"] = names
@@ -146,6 +151,7 @@ def load(path: Path, sha256: str | None = None) -> Checkpoint:
             merge_log=[(int(r), from_tree(t, arrays)) for r, t in header["merge_log"]],
             rng_state=header["rng_state"],
             config=header["config"],
+            privacy=header.get("privacy", {}),  # absent in checkpoints written before it was kept
         )
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         # only reachable without a recorded sha256, or for a file written by another version

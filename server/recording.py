@@ -31,11 +31,14 @@ from server.db.models import (
     CheckpointRecord,
     ClientUpdateRecord,
     Evaluation,
+    FederatedEvaluation,
+    NodeEvaluation,
     InitRecord,
     RoundRecord,
     Run,
 )
-from server.eval_schedule import Evaluate, EvaluationSchedule
+from server.eval_schedule import Evaluate, EvaluationSchedule, due
+from server.federated_eval import RoundEvaluation
 from server.evaluate import TimedEval
 from server.rounds import RoundReport, utcnow
 from server.strategy import LoraStrategy
@@ -166,6 +169,24 @@ class RunRecorder:
             session.add(InitRecord(run_id=run_id, kind=kind, seconds=seconds, bytes_down=bytes_down,
                                    bytes_up=bytes_up, details=details, created_at=utcnow()))
 
+    def record_federated_evaluation(self, run_id: int, evaluation: RoundEvaluation, *, per_node: bool) -> None:
+        """The round's aggregate and spread, and (``per_node``) every node's row: one transaction."""
+        with Session(self.engine) as session, session.begin():
+            if per_node:
+                for n in evaluation.nodes:
+                    session.add(NodeEvaluation(
+                        run_id=run_id, round_number=evaluation.number, node_id=str(n.node_id), node_key=n.key,
+                        status=n.status, reason=n.reason, loss=_finite(n.loss), perplexity=_finite(n.perplexity),
+                        num_examples=n.num_examples, tokens=n.tokens, seconds=n.seconds, created_at=utcnow()))
+            spread = evaluation.spread()
+            if spread:
+                session.add(FederatedEvaluation(
+                    run_id=run_id, round_number=evaluation.number, nodes=len(evaluation.ok),
+                    failed=len(evaluation.nodes) - len(evaluation.ok),
+                    num_examples=sum(n.num_examples for n in evaluation.ok), loss=evaluation.loss,
+                    perplexity=evaluation.perplexity, worst_loss=spread["worst"], median_loss=spread["median"],
+                    best_loss=spread["best"], created_at=utcnow()))
+
     def record_evaluation(self, run_id: int, round_number: int, evaluation: TimedEval) -> None:
         with Session(self.engine) as session, session.begin():
             session.add(self._evaluation(run_id, round_number, evaluation))
@@ -210,7 +231,7 @@ class RecordingStrategy(Strategy):
     def __init__(
         self, *, inner: LoraStrategy, recorder: RunRecorder, run_id: int, evaluator: Evaluate | None,
         config: dict[str, Any], checkpoint_dir: Path, keep_checkpoints: int = 3, round_offset: int = 0,
-        resumed: bool = False, eval_every: int = 1, eval_overlap: bool = True, central: CentralAccount | None = None,
+        resumed: bool = False, eval_every: int = 1, eval_overlap: bool = True, node_eval_report: str = "per-node", central: CentralAccount | None = None,
     ) -> None:
         self.inner = inner
         self.recorder = recorder
@@ -220,6 +241,8 @@ class RecordingStrategy(Strategy):
             record=lambda number, ev: recorder.record_evaluation(run_id, number, ev),
         )
         self.last_round = 0  # set by ``start``
+        self.eval_every = eval_every
+        self.node_eval_report = node_eval_report
         self.config = dict(config)
         self.checkpoint_dir = checkpoint_dir
         self.keep_checkpoints = keep_checkpoints
@@ -232,7 +255,7 @@ class RecordingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.central is not None:  # before any node is asked: a round past the budget never starts
-            self._sample_rate = sample_rate(self.inner.clients_per_round, len(grid.get_node_ids()))
+            self._sample_rate = sample_rate(self.inner.clients_per_round, len(list(grid.get_node_ids())))
             self.central.check_next(round_number=server_round + self.round_offset, rate=self._sample_rate)
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
@@ -244,10 +267,17 @@ class RecordingStrategy(Strategy):
         return result
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        number = server_round + self.round_offset
+        if not due(number, every=self.eval_every, last=self.last_round):
+            return []
+        return self.inner.configure_evaluate(number, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        metrics = self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        if self.inner.last_evaluation is not None:
+            self.recorder.record_federated_evaluation(self.run_id, self.inner.last_evaluation,
+                                                      per_node=self.node_eval_report == "per-node")
+        return metrics
 
     def summary(self) -> None:
         self.inner.summary()

@@ -37,8 +37,11 @@ class ReadReply:
 
 
 def read_reply(*, node: int, reply: Message, bytes_down: int, known: NodeState, spec: ModelSpec,
-               aggregator: Aggregator, limits: UpdateLimits) -> ReadReply:
-    """The outcome of node ``node``'s reply to a train message that cost ``bytes_down``."""
+               aggregator: Aggregator, limits: UpdateLimits, uplink: frozenset[str] | None = None) -> ReadReply:
+    """The outcome of node ``node``'s reply to a train message that cost ``bytes_down``.
+
+    ``uplink``: the factors the node was asked to upload (``Downlink.uplink``); None: the method's own.
+    """
     if reply.has_error():
         return ReadReply(ClientOutcome(node, "failed", f"client error: {reply.error.reason}", rank=known.rank,
                                        bytes_down=bytes_down))
@@ -59,7 +62,7 @@ def read_reply(*, node: int, reply: Message, bytes_down: int, known: NodeState, 
             return ReadReply(ClientOutcome(status=status, reason=str(status_record.get("reason") or status), **base),
                              beliefs=beliefs)
         check_size(base["bytes_up"], limits)
-        update = decode_update(content, known=known, spec=spec, aggregator=aggregator)
+        update = decode_update(content, known=known, spec=spec, aggregator=aggregator, uplink=uplink)
     except Exception as exc:  # noqa: BLE001 - a client's malformation is a rejection (module docstring)
         return ReadReply(ClientOutcome(status="rejected", reason=reason(exc), **base), beliefs=beliefs)
     outcome = ClientOutcome(status="ok", num_examples=update.num_examples, train_loss=update.metrics["train-loss"],
@@ -67,12 +70,13 @@ def read_reply(*, node: int, reply: Message, bytes_down: int, known: NodeState, 
     return ReadReply(outcome, update=update, beliefs=beliefs)
 
 
-def decode_update(content: RecordDict, *, known: NodeState, spec: ModelSpec, aggregator: Aggregator) -> ClientUpdate:
-    """A trained reply's tensors, checked against the node's rank and the aggregator's uplink."""
+def decode_update(content: RecordDict, *, known: NodeState, spec: ModelSpec, aggregator: Aggregator,
+                  uplink: frozenset[str] | None = None) -> ClientUpdate:
+    """A trained reply's tensors, checked against the node's rank and what it was asked to upload."""
     if "update" not in content.array_records:
         raise PayloadError("reply has no 'update' record")
     tensors = record_to_tensors(content["update"])
-    check_update(tensors, spec, aggregator, known.rank)
+    check_update(tensors, spec, aggregator, known.rank, uplink=uplink)
     metrics = content["metrics"]
     loss = float(metrics["train-loss"])
     if not np.isfinite(loss):

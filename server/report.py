@@ -19,6 +19,23 @@ from server.db.models import Run
 from server.db.session import open_database
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClientRow:
+    """One sampled client in one round, as the round log holds it."""
+
+    round: int
+    node: str
+    rank: int | None
+    examples: int | None
+    loss: float | None
+    seconds: float | None
+    bytes_down: int
+    bytes_up: int
+    status: str  # ok | rejected | failed | declined | resync
+    reason: str
+    epsilon: float | None  # local DP-SGD ε spent so far on the node's data, where it ran DP
+
+
 @dataclass
 class RunSeries:
     """Everything a report shows about one run, per round."""
@@ -39,6 +56,8 @@ class RunSeries:
     eval_loss: list[float] = field(default_factory=list)
     eval_ppl: list[float] = field(default_factory=list)
     epsilon: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # node -> (round, eps)
+    clients: list[ClientRow] = field(default_factory=list)  # round order, then as recorded
+    config: dict[str, object] = field(default_factory=dict)  # the run config the run started with
 
     @property
     def label(self) -> str:
@@ -60,7 +79,8 @@ def load_series(session: Session, run_id: int) -> RunSeries:
     run = session.get(Run, run_id)
     if run is None:
         raise ValueError(f"run {run_id} is not in the database")
-    series = RunSeries(run_id=run.id, aggregator=run.aggregator, model=run.model, status=run.status)
+    series = RunSeries(run_id=run.id, aggregator=run.aggregator, model=run.model, status=run.status,
+                       config=dict(run.config or {}))
     for r in read.rounds(session, run_id):
         series.rounds.append(r.number)
         series.train_loss.append(r.train_loss)
@@ -74,8 +94,15 @@ def load_series(session: Session, run_id: int) -> RunSeries:
         series.eval_rounds.append(e.round_number)
         series.eval_loss.append(e.loss)
         series.eval_ppl.append(e.perplexity)
-    for node, points in read.epsilon_points(read.client_updates(session, run_id)).items():
+    updates = read.client_updates(session, run_id)
+    for node, points in read.epsilon_points(updates).items():
         series.epsilon[node] = [(number, eps) for number, eps, _ in points]
+    for u in updates:
+        metrics = u.metrics if isinstance(u.metrics, dict) else {}
+        series.clients.append(ClientRow(
+            round=u.round_number, node=u.node_id, rank=u.rank, examples=u.num_examples, loss=u.train_loss,
+            seconds=u.seconds, bytes_down=u.bytes_down, bytes_up=u.bytes_up, status=u.status, reason=u.reason or "",
+            epsilon=float(metrics["dp-epsilon"]) if "dp-epsilon" in metrics else None))
     return series
 
 
@@ -103,7 +130,7 @@ def _plot(path: Path, title: str, ylabel: str, lines: list[tuple[str, list, list
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if lines:
+    if ax.get_legend_handles_labels()[0]:  # a run with no points yet (no evaluation) draws no line
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -132,26 +159,74 @@ def make_plots(series: list[RunSeries], out: Path) -> list[Path]:
 
 # --- tables ----------------------------------------------------------------------------------
 
-SUMMARY_COLUMNS = ("run", "aggregator", "status", "rounds", "final eval ppl", "best round", "MB down", "MB up",
-                   "wall s", "max eps")
+#: short enough that the terminal's summary table keeps every header whole at 80 columns
+SUMMARY_COLUMNS = ("run", "aggregator", "status", "rounds", "eval ppl", "best", "MB dn", "MB up", "wall s", "max ε")
+SUMMARY_LEGEND = ("eval ppl: held-out answer perplexity after the last round; best: the round where it was lowest; "
+                  "MB dn / MB up: sent to / received from clients; max ε: the largest DP-SGD ε any client spent")
+
+
+def _compact(value: float, digits: int) -> str:
+    """``digits`` decimals below 1000, none above: four significant figures keep the columns narrow."""
+    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
 
 
 def summary_row(s: RunSeries) -> list[str]:
     return [
         str(s.run_id), s.aggregator, s.status, str(len(s.rounds)),
-        f"{s.eval_ppl[-1]:.3f}" if s.eval_ppl else "-",
+        _compact(s.eval_ppl[-1], 3) if s.eval_ppl else "-",
         str(s.best_round) if s.best_round is not None else "-",
-        f"{sum(s.mb_down):.2f}", f"{sum(s.mb_up):.2f}", f"{sum(s.seconds):.1f}",
+        _compact(sum(s.mb_down), 2), _compact(sum(s.mb_up), 2), _compact(sum(s.seconds), 1),
         f"{s.max_epsilon:.3f}" if s.max_epsilon is not None else "-",
     ]
 
 
-def write_html(series: list[RunSeries], plots: list[Path], out: Path) -> Path:
-    def table(headers, rows) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(headers, rows, *, css_class: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    opening = f'<table class="{css_class}">' if css_class else "<table>"
+    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+CLIENT_COLUMNS = ("round", "node", "status", "rank", "examples", "train loss", "s", "down", "up", "reason")
+
+
+def client_table(s: RunSeries) -> str:
+    """Every sampled client of every round; the round cell spans its clients' rows."""
+    with_eps = any(c.epsilon is not None for c in s.clients)
+    headers = CLIENT_COLUMNS[:-1] + (("ε",) if with_eps else ()) + CLIENT_COLUMNS[-1:]
+    by_round: dict[int, list[ClientRow]] = {}
+    for c in s.clients:
+        by_round.setdefault(c.round, []).append(c)
+    rows = []
+    for number, clients in by_round.items():
+        for i, c in enumerate(clients):
+            cells = [f"<code>{html.escape(c.node)}</code>", html.escape(c.status)] + [html.escape(v) for v in (
+                "-" if c.rank is None else str(c.rank), "-" if c.examples is None else str(c.examples),
+                "-" if c.loss is None else f"{c.loss:.4f}", "-" if c.seconds is None else f"{c.seconds:.1f}",
+                _size(c.bytes_down), _size(c.bytes_up))]
+            if with_eps:
+                cells.append("-" if c.epsilon is None else f"{c.epsilon:.3f}")
+            cells.append(html.escape(c.reason))
+            first = f'<td rowspan="{len(clients)}">{number}</td>' if i == 0 else ""
+            tds = "".join(f'<td class="reason">{cell}</td>' if j == len(cells) - 1 else f"<td>{cell}</td>"
+                          for j, cell in enumerate(cells))
+            rows.append(f'<tr class="{html.escape(c.status)}">{first}{tds}</tr>')
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    return (f'<h3>clients, per round</h3><table class="clients"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>" if rows else "<h3>clients, per round</h3><p>none recorded</p>")
+
+
+def config_table(s: RunSeries) -> str:
+    rows = [[key, value] for key, value in sorted(s.config.items())]
+    return (f"<details open><summary>run config ({len(rows)} keys)</summary>"
+            + _table(("key", "value"), rows, css_class="config") + "</details>")
+
+
+def write_html(series: list[RunSeries], plots: list[Path], out: Path) -> Path:
     images = "".join(
         f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in plots
     )
@@ -165,12 +240,19 @@ def write_html(series: list[RunSeries], plots: list[Path], out: Path) -> Path:
                                                    s.relative_error, s.mb_down, s.mb_up, s.seconds)
         ]
         sections.append(f"<h2>{html.escape(s.label)}: {html.escape(s.model)}, {html.escape(s.status)}</h2>"
-                        + table(("round", "clients", "train loss", "eval ppl", "rel. error", "MB down", "MB up", "s"),
-                                rows))
+                        + _table(("round", "clients", "train loss", "eval ppl", "rel. error", "MB down", "MB up", "s"),
+                                 rows)
+                        + client_table(s) + config_table(s))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedlora report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:48%;margin:4px}}</style></head>
-<body><h1>fedlora report</h1>{table(SUMMARY_COLUMNS, [summary_row(s) for s in series])}{images}{''.join(sections)}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:48%;margin:4px}}
+td.reason{{text-align:left;max-width:32em}}table.config td{{text-align:left;font-family:monospace}}
+tr.failed td,tr.rejected td{{background:#fde8e8}}tr.declined td,tr.resync td{{background:#f3f3f3}}
+td[rowspan]{{background:#fff!important;vertical-align:top}}
+table.clients th:last-child{{text-align:left}}p.legend{{color:#555;font-size:90%}}
+summary{{font-weight:bold;margin-top:1em;cursor:pointer}}</style></head>
+<body><h1>fedlora report</h1>{_table(SUMMARY_COLUMNS, [summary_row(s) for s in series])}
+<p class="legend">{html.escape(SUMMARY_LEGEND)}</p>{images}{''.join(sections)}
 </body></html>"""
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

@@ -3,7 +3,8 @@
 Per round it samples nodes, builds *one new RecordDict per node* from
 ``aggregator.downlink`` (Flower's FedAvg shares one RecordDict between messages, so
 editing it would leak between nodes), and turns replies into ``ClientUpdate``s,
-rejecting any reply that does not match the aggregator's ``uplink`` declaration.
+rejecting any reply that does not match what it was asked to upload (the aggregator's
+``uplink``, or the round's ``Downlink.uplink`` where the method varies it by round).
 
 Nodes are known by what they say about themselves (a ``query`` message: rank, alpha,
 example count and a stable node key), never by assumption. Sampling is over the
@@ -38,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
 from aggregation.base import check_rank
 from aggregation.diagnostics import relative_error
+from server import federated_eval as fed_eval
 from server.polling import PromptGrid
 from server.replies import read_reply
 from server.rounds import (
@@ -48,6 +50,7 @@ from server.rounds import (
     tensors_hash,
     utcnow,
 )
+from server.threads import math_limits
 from server.validation import UpdateLimits, norm_outliers
 from core.wire import merges_to_record, record_bytes, tensors_to_record
 
@@ -70,6 +73,7 @@ class LoraStrategy(Strategy):
         on_insufficient: str = "stop",
         query_timeout: float = 600.0,
         round_timeout: float = 3600.0,
+        fraction_evaluate: float = 0.0,
     ) -> None:
         if on_insufficient not in ("stop", "skip"):
             raise ValueError(f"on-insufficient must be 'stop' or 'skip', got {on_insufficient!r}")
@@ -94,6 +98,10 @@ class LoraStrategy(Strategy):
         self._grid: Grid | None = None
         self._round_started = utcnow()
         self._announced: tuple[set[str], list[int]] | None = None  # rank queries sent early: ids, nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.last_evaluation: fed_eval.RoundEvaluation | None = None
+        self._evaluating: dict[int, int] = {}  # node -> bytes sent, this round's federated evaluation
+        self._uplinks: dict[int, frozenset[str]] = {}  # what each node was asked to upload this round
 
     # --- node discovery and sampling ------------------------------------------------------
 
@@ -195,6 +203,7 @@ class LoraStrategy(Strategy):
         known = self.nodes[node]
         client = ClientInfo(node_id=known.key, rank=known.rank, alpha=known.alpha)
         down = self.aggregator.downlink(self.state, client)
+        self._uplinks[node] = down.uploads(self.aggregator.uplink)  # may change by round (RoLoRA)
         frozen_hash = tensors_hash(down.frozen) if down.frozen else ""
         settings = {
             **self.train_config,
@@ -203,7 +212,7 @@ class LoraStrategy(Strategy):
             "alpha": known.alpha,
             "adapter-kind": self.aggregator.adapter_kind,
             "trainable": ",".join(sorted(down.trainable)),
-            "uplink": ",".join(sorted(self.aggregator.uplink)),
+            "uplink": ",".join(sorted(self._uplinks[node])),
             "merge-rounds": [r for r, _ in self.merge_log] or [0],
             "frozen-hash": frozen_hash,
         }
@@ -245,8 +254,9 @@ class LoraStrategy(Strategy):
         start = time.perf_counter()
         aggregated, rel_err, loss = False, None, None
         if len(updates) >= self.min_clients:
-            result = self.aggregator.aggregate(self._sent_state, updates)
-            rel_err = relative_error(self.aggregator, self._sent_state, result, updates)
+            with math_limits(self.aggregator):  # the diagnostic's QRs too, not only the method's math
+                result = self.aggregator.aggregate(self._sent_state, updates)
+                rel_err = relative_error(self.aggregator, self._sent_state, result, updates)
             self.state = result.state
             if result.base_update:
                 self.merge_log.append((server_round, result.base_update))
@@ -284,7 +294,7 @@ class LoraStrategy(Strategy):
                 continue  # a reply we did not ask for this round
             known = self.nodes[node]
             read = read_reply(node=node, reply=reply, bytes_down=sent.bytes_down, known=known, spec=self.spec,
-                              aggregator=self.aggregator, limits=self.limits)
+                              aggregator=self.aggregator, limits=self.limits, uplink=self._uplinks.get(node))
             if read.beliefs is not None:  # the node's own word on what it holds corrects ours
                 known.merged_through, known.frozen_hash = read.beliefs.merged_through, read.beliefs.frozen_hash
             self._pending[node] = read.outcome
@@ -295,10 +305,33 @@ class LoraStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # evaluation of the global adapter happens on the server (evaluate_fn)
+        """Federated evaluation (``fraction-evaluate`` > 0; the server's own runs in evaluate_fn)."""
+        self.last_evaluation = None
+        connected = set(grid.get_node_ids())
+        usable = sorted((n for n in self.nodes if n in connected), key=lambda n: self.nodes[n].key)
+        picked = fed_eval.pick(usable, fraction=self.fraction_evaluate, seed=self.spec.seed,
+                               server_round=server_round)
+        messages = fed_eval.evaluation_messages(
+            server_round=server_round, nodes={n: self.nodes[n] for n in picked}, merge_log=self.merge_log,
+            global_delta=self.aggregator.global_delta(self.state) if picked else {},
+            max_seq_len=int(self.train_config["max-seq-len"]))
+        self._evaluating = {m.metadata.dst_node_id: fed_eval.bytes_of(m) for m in messages}
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        if not self._evaluating:
+            return None
+        evaluation = fed_eval.collect(replies, sent=self._evaluating, server_round=server_round,
+                                      keys={n: self.nodes[n].key for n in self._evaluating})
+        for row in evaluation.nodes:  # an evaluation reply also says which base updates the node holds
+            if row.merged_through is not None:
+                self.nodes[row.node_id].merged_through = row.merged_through
+        self._evaluating = {}
+        self.last_evaluation = evaluation
+        if evaluation.loss is None:
+            return None
+        return MetricRecord({"federated-eval-loss": evaluation.loss, "federated-eval-perplexity": evaluation.perplexity,
+                             "federated-eval-nodes": len(evaluation.ok)})
 
     def summary(self) -> None:
         log(INFO, "\t├── Aggregator: %s", getattr(self.aggregator, "name", type(self.aggregator).__name__))

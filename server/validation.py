@@ -29,14 +29,19 @@ class UpdateLimits:
             raise ValueError(f"max-update-norm-ratio must be >= 0, got {self.max_norm_ratio}")
 
 
-def check_update(tensors: Tensors, spec: ModelSpec, aggregator: Aggregator, rank: int) -> None:
-    """Refuse missing/extra modules or factors, wrong shapes and non-finite values."""
+def check_update(tensors: Tensors, spec: ModelSpec, aggregator: Aggregator, rank: int, *,
+                 uplink: frozenset[str] | None = None) -> None:
+    """Refuse missing/extra modules or factors, wrong shapes and non-finite values.
+
+    ``uplink``: the factors asked for this round (``Downlink.uplink``); None: the method's own.
+    """
+    asked = aggregator.uplink if uplink is None else uplink
     missing = sorted(set(spec.modules) - set(tensors))
     extra = sorted(set(tensors) - set(spec.modules))
     if missing or extra:
         raise PayloadError(f"modules missing {missing[:3]} / unexpected {extra[:3]}")
     for name, factors in tensors.items():
-        want = expected_shapes(aggregator.adapter_kind, aggregator.uplink, spec.modules[name], rank)
+        want = expected_shapes(aggregator.adapter_kind, asked, spec.modules[name], rank)
         if set(factors) != set(want):
             raise PayloadError(f"{name}: factors {sorted(factors)}, expected {sorted(want)}")
         for key, shape in want.items():

@@ -36,8 +36,12 @@ Uploads are float32 and come from a pool of distinct random arrays per shape
 (``--pool-mb``, default 256 MB, far larger than CPU caches) that clients and modules
 share by reference; per-client byte counts still count every client's own copy.
 
+RoLoRA is measured on its first round, a B-round (its A-rounds upload r x d_in A
+instead: the same bytes on these square modules). FedSA-LoRA's ``rel_err`` is "skip"
+(null): its clients' B never reach the server, so their adapters are unknown there.
+
 Usage: ``python -m simulations.bench_aggregation [--clients 10,100] [--quick]
-[--json PATH] [--module-sample K]``.
+[--json PATH] [--module-sample K] [--methods a,b]``.
 """
 
 from __future__ import annotations
@@ -145,13 +149,16 @@ def draw_clients(rng: np.random.Generator, setting: Setting, n: int, mixed: bool
 def build_updates(
     agg: aggregation.Aggregator, spec: ModelSpec, clients: Clients, pool: UploadPool
 ) -> list[ClientUpdate]:
-    """Uploads carrying exactly the factors this aggregator asks for (``agg.uplink``)."""
+    """Uploads carrying exactly the factors this aggregator asks for in its first round
+    (``Downlink.uplink``, else ``agg.uplink``: RoLoRA's first round is a B-round)."""
     names = sorted(spec.modules)
+    state = agg.init_state(spec)
     updates = []
     for k, (r, n, alpha) in enumerate(zip(clients.ranks, clients.counts, clients.alphas)):
+        asked = agg.downlink(state, ClientInfo(node_id=f"c{k:03d}", rank=r, alpha=alpha)).uploads(agg.uplink)
         tensors = {}
         for m, name in enumerate(names):
-            shapes = expected_shapes(agg.adapter_kind, agg.uplink, spec.modules[name], r)
+            shapes = expected_shapes(agg.adapter_kind, asked, spec.modules[name], r)
             tensors[name] = {f: pool.get(shape, k * len(names) + m) for f, shape in shapes.items()}
         updates.append(
             ClientUpdate(node_id=f"c{k:03d}", num_examples=n, rank=r, alpha=alpha, tensors=tensors)
@@ -255,6 +262,7 @@ def run(
     repeat: int = 1,
     diag_modules: int = 1,
     diag_rank_limit: int = 1024,
+    methods: Sequence[str] | None = None,
 ) -> list[dict]:
     scale = setting.modules / sample_size
     shape = ModuleShape(d_out=setting.d_out, d_in=setting.d_in)
@@ -272,8 +280,8 @@ def run(
             low, high = setting.mixed_ranks
             label = f"{low}..{high}" if mixed else f"{setting.uniform_rank}"
             heavy_diag = sum(clients.ranks) > diag_rank_limit
-            registered = aggregation.names()
-            # the one diagnosed when it is costly: FedAvg, the baseline, if registered
+            registered = list(methods or aggregation.names())
+            # the one diagnosed when it is costly: FedAvg, the baseline, if it runs
             probe = "fedavg" if "fedavg" in registered else registered[0]
             for name in registered:
                 diag = None if heavy_diag and name != probe else diag_modules
@@ -346,8 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1024,
         help="above this sum of client ranks, time relative_error for one aggregator only",
     )
+    parser.add_argument("--methods", default="", help="comma-separated aggregators (default: every registered one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+    for name in methods or ():
+        try:
+            aggregation.get_class(name)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
     except ValueError:
@@ -371,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=args.repeat,
         diag_modules=args.diag_modules,
         diag_rank_limit=args.diag_rank_limit,
+        methods=methods,
     )
     print(f"# total {time.perf_counter() - start:.1f} s", flush=True)
     if args.json:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from server.db.models import ClientUpdateRecord, Evaluation, RoundRecord, Run
+from server.db.models import (
+    ClientUpdateRecord, Evaluation, FederatedEvaluation, NodeEvaluation, RoundRecord, Run,
+)
 
 #: client statuses that mean a sampled node did not do what it was asked
 FAILED_STATUSES = ("failed", "rejected")
@@ -35,6 +37,18 @@ def evaluations(session: Session, run_id: int) -> list[Evaluation]:
     """Round 0 (before training) first."""
     return list(session.scalars(select(Evaluation).where(Evaluation.run_id == run_id)
                                 .order_by(Evaluation.round_number)))
+
+
+def node_evaluations(session: Session, run_id: int) -> list[NodeEvaluation]:
+    """Every node's federated evaluation row, by round, then by node key."""
+    return list(session.scalars(select(NodeEvaluation).where(NodeEvaluation.run_id == run_id)
+                                .order_by(NodeEvaluation.round_number, NodeEvaluation.node_key)))
+
+
+def federated_evaluations(session: Session, run_id: int) -> list[FederatedEvaluation]:
+    """Each evaluated round's aggregate and spread across nodes."""
+    return list(session.scalars(select(FederatedEvaluation).where(FederatedEvaluation.run_id == run_id)
+                                .order_by(FederatedEvaluation.round_number)))
 
 
 def client_updates(session: Session, run_id: int) -> list[ClientUpdateRecord]:
@@ -80,8 +94,24 @@ def epsilon_points(updates: list[ClientUpdateRecord]) -> dict[str, list[tuple[in
 def max_epsilon(engine: Engine, run_id: int) -> EpsilonSummary | None:
     """The maximum ε across clients for a run (the worst case); None when no client ran DP."""
     with Session(engine) as session:
-        points = epsilon_points(client_updates(session, run_id))
+        return epsilon_summary(client_updates(session, run_id))
+
+
+def epsilon_summary(updates: list[ClientUpdateRecord]) -> EpsilonSummary | None:
+    """The largest ε among these rows (with its δ and the count of nodes); None without DP figures."""
+    points = epsilon_points(updates)
     if not points:
         return None
     _, epsilon, delta = max((p for node in points.values() for p in node), key=lambda p: p[1])
     return EpsilonSummary(epsilon=epsilon, delta=delta, clients=len(points))
+
+
+def central_epsilon_points(round_rows: list[RoundRecord]) -> list[tuple[int, float]]:
+    """(round, user-level ε spent through it) for every round central DP accounted, in round order."""
+    return [(r.number, r.central_epsilon) for r in round_rows if r.central_epsilon is not None]
+
+
+def central_epsilon(session: Session, run_id: int) -> float | None:
+    """The user-level ε the run's central DP has spent (its last round's); None without it."""
+    points = central_epsilon_points(rounds(session, run_id))
+    return points[-1][1] if points else None

@@ -23,7 +23,9 @@ from sqlalchemy import Connection, Engine, create_engine, inspect, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from server.db.models import Base, CheckpointRecord, Run, SchemaVersion
+from server.db.models import (
+    Base, CheckpointRecord, FederatedEvaluation, InitRecord, NodeEvaluation, RoundRecord, Run, SchemaVersion,
+)
 
 
 class DatabaseError(RuntimeError):
@@ -53,9 +55,29 @@ def _v3_run_uuid(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _v4_central_epsilon(conn: Connection) -> None:
+    # FLOAT is double precision on PostgreSQL and REAL on SQLite, as the model's Float
+    if not inspect(conn).has_table(RoundRecord.__tablename__):
+        RoundRecord.__table__.create(conn)  # the current table, column included
+        return
+    columns = {c["name"] for c in inspect(conn).get_columns("rounds")}
+    if "central_epsilon" not in columns:
+        conn.execute(text("ALTER TABLE rounds ADD COLUMN central_epsilon FLOAT"))
+
+
+def _v5_initialisations(conn: Connection) -> None:
+    InitRecord.__table__.create(conn, checkfirst=True)  # Fed-SB's LoRA-SB init, one row per run
+
+
+def _v6_federated_evaluations(conn: Connection) -> None:
+    for table in (NodeEvaluation.__table__, FederatedEvaluation.__table__):  # the nodes' own evaluations
+        table.create(conn, checkfirst=True)
+
+
 # (version, step). Append new steps; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
-    (1, _v1_initial), (2, _v2_checkpoints), (3, _v3_run_uuid),
+    (1, _v1_initial), (2, _v2_checkpoints), (3, _v3_run_uuid), (4, _v4_central_epsilon),
+    (5, _v5_initialisations), (6, _v6_federated_evaluations),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -68,8 +68,14 @@ def b_only_updates(seed: int, ranks: list[int], alphas: list[float] | None = Non
     return _updates(seed, ranks, alphas, "B", lambda s, r: (s.d_out, r))
 
 
+def a_only_updates(seed: int, ranks: list[int], alphas: list[float] | None = None):
+    """FedSA-LoRA uploads: one raw r_k x d_in A per module (B stays on the node)."""
+    return _updates(seed, ranks, alphas, "A", lambda s, r: (r, s.d_in))
+
+
 #: what a method uploads -> a maker of such updates ``(seed, ranks, alphas=None)``
-UPLOADS = {frozenset({"A", "B"}): random_updates, frozenset({"B"}): b_only_updates, frozenset({"R"}): sb_updates}
+UPLOADS = {frozenset({"A", "B"}): random_updates, frozenset({"B"}): b_only_updates, frozenset({"R"}): sb_updates,
+           frozenset({"A"}): a_only_updates}
 
 
 # --- dense references ---------------------------------------------------------------------

@@ -81,3 +81,22 @@ def test_a_round_without_updates_is_an_error(name, options):
     agg = aggregation.create(name, **options)
     with pytest.raises(ValueError, match="empty"):
         agg.aggregate(agg.init_state(spec(MAX_RANK)), [])
+
+
+@pytest.mark.parametrize(("name", "options"), METHODS, ids=IDS)
+def test_a_round_asks_only_for_factors_the_class_declares_and_the_client_trains(name, options):
+    # the strategy sends Downlink.uplink (RoLoRA: one factor a round) and validates replies by it
+    agg = aggregation.create(name, **options)
+    state = agg.init_state(spec(MAX_RANK))
+    for _ in range(2):  # a method may alternate: look at two rounds
+        down = agg.downlink(state, ClientInfo("x", 4, 8.0))
+        asked = down.uploads(agg.uplink)
+        assert asked and asked <= agg.uplink and asked <= down.trainable, (name, asked)
+        state = agg.aggregate(state, UPLOADS[agg.uplink](1, [4, MAX_RANK])).state
+
+
+def test_a_downlink_refuses_unknown_or_empty_uplinks():
+    with pytest.raises(ValueError, match="'Q'"):
+        aggregation.Downlink(adapter={}, trainable=frozenset({"B"}), uplink=frozenset({"Q"}))
+    with pytest.raises(ValueError, match="at least one factor"):
+        aggregation.Downlink(adapter={}, trainable=frozenset({"B"}), uplink=frozenset())

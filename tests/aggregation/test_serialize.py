@@ -5,7 +5,7 @@ import pytest
 
 import aggregation
 from aggregation.serialize import from_tree, to_tree
-from tests.aggregation.harness import random_updates, spec
+from tests.aggregation.harness import UPLOADS, spec
 
 
 def _equal(a, b):
@@ -24,19 +24,10 @@ def _equal(a, b):
 def test_every_aggregator_state_round_trips_bitwise(name):
     agg = aggregation.create(name)
     state = agg.init_state(spec(max_rank=4))
-    state = agg.aggregate(state, random_updates(1, [2, 4], alphas=[4.0, 8.0]) if agg.uplink != {"R"} else _r_updates()).state
+    state = agg.aggregate(state, UPLOADS[agg.uplink](1, [2, 4], alphas=[4.0, 8.0])).state  # what it uploads
     arrays: dict[str, np.ndarray] = {}
     tree = json.loads(json.dumps(to_tree(state, arrays)))  # must survive JSON
     assert _equal(from_tree(tree, arrays), state)
-
-
-def _r_updates():
-    from aggregation.base import ClientUpdate
-    from tests.aggregation.harness import MODULES
-
-    rng = np.random.default_rng(0)
-    return [ClientUpdate(node_id=f"n{i}", num_examples=5, rank=r, alpha=8.0,
-                         tensors={m: {"R": rng.normal(size=(r, r))} for m in MODULES}) for i, r in enumerate([2, 4])]
 
 
 def test_foreign_classes_are_refused():

@@ -109,3 +109,22 @@ def test_simulate_prints_the_directory_its_checkpoints_are_in(tmp_path, capsys):
     cfg = RunConfig(model="tiny", db_url=db, checkpoint_dir=str(root))
     cli.summarize(engine, cfg, run, elapsed=1.0, log_path=tmp_path / "flower.log")
     assert f"checkpoints: {path.parent}\n" in capsys.readouterr().out
+
+
+def test_an_unusable_mlflow_store_fails_before_a_superlink_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    started = _never_started(monkeypatch)
+    code = main(["simulate", "--model", "tiny", "--db", f"sqlite:///{tmp_path}/x.db", "--home", str(tmp_path / "h"),
+                 "--mlflow-uri", f"file:{tmp_path}/mlruns"])
+    out = capsys.readouterr().out.replace("\n", "")
+    assert code == 2 and not started
+    assert f"mlflow-uri 'file:{tmp_path}/mlruns' cannot be used" in out
+
+
+def test_a_relative_mlflow_store_is_made_absolute_for_the_serverapp(tmp_path, monkeypatch):
+    from cli.app import build_parser
+    from cli.simulate import config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["simulate", "--model", "tiny", "--mlflow-uri", "sqlite:///mlflow.db"])
+    assert config_from_args(args).mlflow_uri == f"sqlite:///{tmp_path}/mlflow.db"

@@ -2,48 +2,11 @@ import json
 
 import pytest
 
-from core.data import Example, load_examples, partition, split_heldout
+from core.data import Example, load_examples, split_heldout
 
 
 def _examples(n=60, categories=("a", "b", "c")):
     return [Example(f"q{i}", f"answer {i}", category=categories[i % len(categories)], source=f"f{i % 2}.jsonl") for i in range(n)]
-
-
-@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "topic"])
-def test_partitions_cover_every_example_once_and_are_deterministic(spec):
-    ex = _examples()
-    parts = partition(ex, spec, 3, seed=4)
-    flat = [e for p in parts for e in p]
-    assert sorted(flat, key=lambda e: e.prompt) == sorted(ex, key=lambda e: e.prompt)
-    assert parts == partition(ex, spec, 3, seed=4)
-
-
-def test_dirichlet_depends_on_seed_and_small_alpha_is_skewed():
-    ex = _examples(300)
-    a = partition(ex, "dirichlet:0.1", 3, seed=1)
-    b = partition(ex, "dirichlet:0.1", 3, seed=2)
-    assert a != b
-    # with alpha=0.1 most clients are dominated by one category
-    dominant = [max(sum(e.category == c for e in p) for c in "abc") / len(p) for p in a if p]
-    assert max(dominant) > 0.6
-
-
-def test_topic_partition_keeps_categories_whole():
-    parts = partition(_examples(), "topic", 3, seed=0)
-    assert [len({e.category for e in p}) for p in parts] == [1, 1, 1]
-
-
-def test_file_partition_needs_one_client_per_file():
-    assert len(partition(_examples(), "file", 2, seed=0)) == 2
-    with pytest.raises(ValueError, match="2 files, 3 clients"):
-        partition(_examples(), "file", 3, seed=0)
-
-
-def test_bad_partition_specs_are_named():
-    with pytest.raises(ValueError, match="'zipf:1'"):
-        partition(_examples(), "zipf:1", 2, seed=0)
-    with pytest.raises(ValueError, match="'abc'"):
-        partition(_examples(), "dirichlet:abc", 2, seed=0)
 
 
 def test_heldout_split_is_disjoint_and_stable():
@@ -92,3 +55,16 @@ def test_crlf_jsonl_still_loads(tmp_path):
     path = tmp_path / "crlf.jsonl"
     path.write_bytes(b'{"instruction": "q", "output": "a"}\r\n\r\n{"instruction": "r", "output": "b"}\r\n')
     assert [e.response for e in load_examples(str(path))] == ["a", "b"]
+
+
+def test_hf_loader_reads_a_local_dataset_on_the_pinned_datasets(tmp_path, monkeypatch):
+    # the ``hf:`` path through datasets 4.x's load_dataset, offline: a local directory of JSON lines
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "ds").mkdir()
+    rows = [{"instruction": "q1", "output": "a1", "category": "x"},
+            {"instruction": "q2", "input": "ctx", "output": "a2"}]
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for spec in (f"hf:{tmp_path / 'ds'}", f"hf:{tmp_path / 'ds'}:train"):
+        ex = load_examples(spec)
+        assert [(e.prompt, e.response, e.category) for e in ex] == [("q1", "a1", "x"), ("q2\n\nctx", "a2", "")]

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cli.app import main
-from server.db.models import ClientUpdateRecord, Evaluation, Run
+from server.db.models import ClientUpdateRecord, Evaluation, FederatedEvaluation, NodeEvaluation, Run
 from server.db.session import open_database
 
 pytestmark = pytest.mark.integration
@@ -39,9 +39,34 @@ def test_fedavg_simulation_records_every_round_and_client(tmp_path):
         assert all(int(u.node_id) >= 0 and u.bytes_up > 0 and u.bytes_down > 0 for u in updates)
         assert all(math.isfinite(u.train_loss) for u in updates)
         evals = {e.round_number: e.loss for e in s.scalars(select(Evaluation))}
-        assert sorted(evals) == [0, 1, 2]
+        assert sorted(evals) == [0, 2]  # eval-every 2: round 0 and the last round
         assert evals[2] < evals[0], evals
         assert all(r.relative_error is not None and r.relative_error >= 0 for r in run.rounds)
+
+
+def test_federated_evaluation_without_server_data_records_every_node(tmp_path):
+    code, db = simulate(tmp_path, "--rounds", "2", "--eval-examples", "0", "--fraction-evaluate", "1",
+                        "--eval-every", "1", "--node-eval-fraction", "0.2")
+    assert code == 0
+    with Session(open_database(db)) as s:
+        (run,) = s.scalars(select(Run)).all()
+        assert run.status == "completed"
+        assert s.scalars(select(Evaluation)).all() == []  # the coordinator holds no data here
+        nodes = s.scalars(select(NodeEvaluation)).all()
+        assert sorted((n.round_number, n.status) for n in nodes) == [(1, "ok")] * 3 + [(2, "ok")] * 3
+        for number in (1, 2):
+            rows = [n for n in nodes if n.round_number == number]
+            (agg,) = s.scalars(select(FederatedEvaluation).where(FederatedEvaluation.round_number == number)).all()
+            weighted = sum(n.loss * n.num_examples for n in rows) / sum(n.num_examples for n in rows)
+            assert agg.loss == pytest.approx(weighted, rel=1e-12) and agg.nodes == 3
+            assert agg.perplexity == pytest.approx(math.exp(weighted), rel=1e-12)
+            assert agg.worst_loss == max(n.loss for n in rows) and agg.best_loss == min(n.loss for n in rows)
+        # a node's held-out slice (0.2 of its data) is not what it trained on: the two counts add up
+        # to its partition, and training reported only the rest
+        updates = s.scalars(select(ClientUpdateRecord)).all()
+        for n in nodes:
+            (u,) = [u for u in updates if u.round_number == n.round_number and u.node_id == n.node_id]
+            assert n.num_examples == max(1, round((n.num_examples + u.num_examples) * 0.2))
 
 
 # Every other aggregator runs end to end in tests/simulations/test_bench_quality.py

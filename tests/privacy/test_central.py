@@ -171,3 +171,95 @@ def test_client_side_clip_scales_the_folded_update_and_leaves_inputs_alone():
         np.testing.assert_array_equal(within["m"][k], uploaded["m"][k])  # bit-identical when within
     with pytest.raises(ValueError, match="> 0"):
         clip_update(uploaded, sent, scale=scale, bound=0.0)
+
+
+# --- user-level ε: the account central DP keeps (privacy.accounting.CentralAccount) ---------
+
+
+def _opacus_epsilon(kind: str, steps: list[tuple[float, float]], delta: float) -> float:
+    """An independent accountant, stepped once per round as Opacus's own API does it."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    accountant = {"prv": PRVAccountant, "rdp": RDPAccountant}[kind]()
+    for sigma, rate in steps:
+        accountant.step(noise_multiplier=sigma, sample_rate=rate)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_central_epsilon_matches_an_independent_opacus_accountant(kind):
+    from privacy.accounting import CentralAccount, sample_rate
+
+    rate = sample_rate(4, 10)  # 4 clients per round of 10 nodes
+    assert rate == 0.4 and sample_rate(4, 3) == 1.0 and sample_rate(4, 4) == 1.0
+    account = CentralAccount(noise_multiplier=1.1, delta=1e-5, accountant=kind)
+    assert account.epsilon == 0.0
+    for _ in range(5):
+        account = account.charged(rate)
+    assert account.rounds == 5
+    assert account.epsilon == pytest.approx(_opacus_epsilon(kind, [(1.1, 0.4)] * 5, 1e-5), rel=1e-9)
+    # a round at another rate (fewer nodes connected) composes after the others
+    account = account.charged(1.0)
+    assert account.epsilon == pytest.approx(_opacus_epsilon(kind, [(1.1, 0.4)] * 5 + [(1.1, 1.0)], 1e-5), rel=1e-9)
+
+
+def test_the_budget_refuses_the_round_that_would_pass_it_and_no_earlier_one():
+    from privacy.accounting import CentralAccount, CentralBudgetExhausted
+
+    free = CentralAccount(noise_multiplier=1.0, delta=1e-5, accountant="rdp")
+    after = [free]
+    for _ in range(3):
+        after.append(after[-1].charged(0.5))
+    budget = (after[2].epsilon + after[3].epsilon) / 2  # rounds 1 and 2 fit, round 3 does not
+    account = CentralAccount(noise_multiplier=1.0, delta=1e-5, accountant="rdp", budget=budget)
+    for number in (1, 2):
+        assert account.check_next(round_number=number, rate=0.5) <= budget
+        account = account.charged(0.5)
+    with pytest.raises(CentralBudgetExhausted) as err:
+        account.check_next(round_number=3, rate=0.5)
+    message = str(err.value)
+    assert f"round 3 would bring user-level ε to {after[3].epsilon:.6g} > dp-central-epsilon {budget:.6g}" in message
+    assert f"spent {after[2].epsilon:.6g} over 2 rounds" in message
+    assert account.epsilon <= budget  # nothing was charged by the refusal
+
+
+def test_the_account_survives_its_checkpoint_form_and_an_old_checkpoint_is_over_counted():
+    import json
+
+    from privacy.accounting import CentralAccount
+
+    fresh = CentralAccount(noise_multiplier=0.8, delta=1e-5, accountant="rdp")
+    spent = fresh.charged(0.25).charged(0.25).charged(0.5)
+    saved = json.loads(json.dumps(spent.to_json()))  # the checkpoint header is JSON
+    resumed = fresh.restored(saved, rounds=3)
+    assert resumed.history == spent.history and resumed.epsilon == spent.epsilon
+    assert resumed.charged(0.5).epsilon == spent.charged(0.5).epsilon  # continues, does not restart
+    legacy = fresh.restored({}, rounds=3)  # written before central DP was accounted: q = 1, an upper bound
+    assert legacy.rounds == 3 and legacy.epsilon > spent.epsilon
+    assert fresh.restored(None, rounds=0).epsilon == 0.0
+    with pytest.raises(ValueError, match="'prv'"):
+        fresh.restored({"accountant": "prv", "history": []}, rounds=0)
+    with pytest.raises(ValueError, match="sample rate"):
+        fresh.restored({"accountant": "rdp", "history": [[0.8, 2.0, 1]]}, rounds=1)
+
+
+def test_the_central_budget_is_read_and_checked_with_the_other_dp_keys():
+    from core.config import RunConfig
+    from privacy.settings import central_account, check_node_config, parse_run_config
+
+    def flower(**kwargs):
+        return RunConfig(aggregator="fedavg", **kwargs).to_flower()
+
+    assert central_account(flower()) is None
+    assert central_account(flower(dp_central_clip=1.0)) is None  # clipping only: no noise, nothing to account
+    account = central_account(flower(dp_central_clip=1.0, dp_central_noise=1.2, dp_central_epsilon=4.0,
+                                     dp_delta=1e-6, dp_accountant="rdp"))
+    assert (account.noise_multiplier, account.budget, account.delta, account.accountant) == (1.2, 4.0, 1e-6, "rdp")
+    with pytest.raises(ValueError, match="dp-central-epsilon 4.0 needs dp-central-noise > 0"):
+        parse_run_config(flower(dp_central_clip=1.0, dp_central_epsilon=4.0))
+    with pytest.raises(ValueError, match="dp-central-epsilon must be a finite number >= 0"):
+        parse_run_config(flower(dp_central_clip=1.0, dp_central_noise=1.0, dp_central_epsilon=-1.0))
+    with pytest.raises(ValueError, match="dp-delta"):
+        parse_run_config(flower(dp_central_clip=1.0, dp_central_noise=1.0, dp_delta=1.5))
+    with pytest.raises(ValueError, match="may not set 'dp-central-epsilon'"):
+        check_node_config({"dp-central-epsilon": 10})

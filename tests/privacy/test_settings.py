@@ -65,11 +65,12 @@ def test_bad_dp_values_are_named(kwargs, needle):
 def test_every_config_key_maps_to_a_settings_field_and_a_run_config_field():
     import dataclasses
 
-    from privacy.settings import LOCAL_KEYS
+    from privacy.settings import CENTRAL_KEYS, LOCAL_KEYS
 
     names = {f.name for f in dataclasses.fields(DPSettings)}
     assert {name for name, _ in LOCAL_KEYS.values()} <= names
-    assert set(LOCAL_KEYS) | {"dp-central-clip", "dp-central-noise"} == {
+    assert set(CENTRAL_KEYS) == {"dp-central-clip", "dp-central-noise", "dp-central-epsilon"}
+    assert set(LOCAL_KEYS) | set(CENTRAL_KEYS) == {
         k for k in RunConfig().to_flower() if k.startswith("dp-")
     }
 

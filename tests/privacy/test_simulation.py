@@ -45,6 +45,9 @@ def test_exhausted_node_declines_and_the_database_says_why(tmp_path, capsys):
         (run,) = s.scalars(select(Run)).all()
         assert run.status == "completed"
         assert [r.num_aggregated for r in run.rounds] == [2, 2]
+        # central DP's user-level ε, accounted per round at q = 3 of 3 nodes, z = 0.1
+        assert [r.central_epsilon for r in run.rounds] == pytest.approx(
+            [epsilon(((0.1, 1.0, n),), delta=1e-5, accountant="prv") for n in (1, 2)], rel=1e-9)
         rows = s.scalars(select(ClientUpdateRecord).order_by(ClientUpdateRecord.round_number)).all()
     declined = [r for r in rows if r.status == "declined"]
     ok = [r for r in rows if r.status == "ok"]
@@ -61,3 +64,42 @@ def test_exhausted_node_declines_and_the_database_says_why(tmp_path, capsys):
     final = [r.metrics["dp-epsilon"] for r in ok if r.round_number == 2]
     assert all(TARGET - 0.05 <= e <= TARGET for e in final)  # calibrated to use the budget by the end
     assert f"DP: max ε across clients {spent:.4g}" in out
+
+
+def test_central_budget_stops_the_run_before_the_round_that_would_pass_it(tmp_path, capsys):
+    # 3 nodes, 3 per round: q = 1. The budget lies between ε after 2 rounds and after 3, so
+    # rounds 1 and 2 run, round 3 never starts, and MLflow holds the same two rounds.
+    from mlflow.tracking import MlflowClient
+
+    from cli.progress import EXIT_STOPPED
+    from server.db.models import RoundRecord
+
+    sigma, delta = 1.0, 1e-5
+    after = [epsilon(((sigma, 1.0, n),), delta=delta, accountant="rdp") for n in (1, 2, 3)]
+    budget = (after[1] + after[2]) / 2
+    db, uri = f"sqlite:///{tmp_path}/runs.db", f"sqlite:///{tmp_path}/mlflow.db"
+    code = main([
+        "simulate", "--model", "tiny", "--max-rank", "16", "--num-clients", "3", "--clients-per-round", "3",
+        "--ranks", "2,4,8", "--local-steps", "2", "--eval-examples", "4", "--max-seq-len", "32", "--rounds", "3",
+        "--db", db, "--home", str(tmp_path / "flwr"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+        "--dp-central-clip", "1.0", "--dp-central-noise", str(sigma), "--dp-central-epsilon", str(budget),
+        "--dp-accountant", "rdp", "--mlflow-uri", uri,
+    ])
+    out = capsys.readouterr().out
+    assert code == EXIT_STOPPED, out
+    assert "affords 2 of 3 rounds" in out and "the run stops before round 3" in out  # said before it started
+    with Session(open_database(db)) as s:
+        (run,) = s.scalars(select(Run)).all()
+        rounds = s.scalars(select(RoundRecord).order_by(RoundRecord.number)).all()
+    assert run.status == "stopped" and "round 3 would bring user-level ε" in run.error
+    assert [r.number for r in rounds] == [1, 2]
+    assert [r.central_epsilon for r in rounds] == pytest.approx(after[:2], rel=1e-9)
+    assert "run stopped" in out and f"central DP: user-level ε {after[1]:.4g}" in out
+
+    client = MlflowClient(tracking_uri=uri)
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
+    assert mlrun.info.run_name.startswith(f"fedlora-{run.id}-") and mlrun.data.tags["fedlora.status"] == "stopped"
+    assert mlrun.data.params["dp-central-epsilon"] == str(budget)
+    history = client.get_metric_history(mlrun.info.run_id, "dp_central_epsilon")
+    assert [(m.step, m.value) for m in history] == [(1, pytest.approx(after[0])), (2, pytest.approx(after[1]))]
+    assert {m.step for m in client.get_metric_history(mlrun.info.run_id, "train_loss")} == {1, 2}

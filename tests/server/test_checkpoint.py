@@ -177,3 +177,22 @@ def test_pruning_keeps_a_file_that_another_row_of_the_database_references(tmp_pa
                                config_hash=shared.config_hash, created_at=datetime(2026, 1, 1)))
     _finish_round(a, 2)
     assert ckpt.load(Path(shared.path), shared.sha256).round == 1
+
+
+def test_the_privacy_accounts_round_trip_and_an_older_checkpoint_has_none(tmp_path):
+    import dataclasses
+    import json
+
+    original = dataclasses.replace(_checkpoint(), privacy={"central": {"accountant": "prv",
+                                                                       "history": [[1.1, 0.4, 3]]}})
+    path, sha = ckpt.save(original, tmp_path / "run-1")
+    assert ckpt.load(path, sha).privacy == original.privacy
+    # a checkpoint written before the accounts were kept has no "privacy" in its header
+    with np.load(path) as npz:
+        header = json.loads(npz["__header__"].tobytes().decode())
+        arrays = {k: npz[k] for k in npz.files if k != "__header__"}
+    del header["privacy"]
+    old = tmp_path / "old.npz"
+    np.savez(old, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    loaded = ckpt.load(old)
+    assert loaded.privacy == {} and loaded.round == original.round

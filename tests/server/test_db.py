@@ -182,7 +182,7 @@ def test_postgresql_gets_the_run_uuid_column_in_place(postgres_url):
     engine = open_database(postgres_url)
     with engine.begin() as c:  # back to version 2: no uuid column, a run without one
         c.execute(text("ALTER TABLE runs DROP COLUMN uuid"))
-        c.execute(text("DELETE FROM schema_version WHERE version = 3"))
+        c.execute(text("DELETE FROM schema_version WHERE version >= 3"))
         c.execute(text("INSERT INTO runs (aggregator, model, config, status, started_at) "
                        "VALUES ('fedavg', 'tiny', '{}', 'completed', now())"))
     engine.dispose()
@@ -192,3 +192,37 @@ def test_postgresql_gets_the_run_uuid_column_in_place(postgres_url):
         assert run.uuid is None
     assert RunRecorder(upgraded).start_run(config={}, aggregator="fedavg", model="tiny", tag="", flwr_run_id=None)
     upgraded.dispose()
+
+
+def _a_version_3_database(url: str) -> None:
+    """The current schema without ``rounds.central_epsilon``, recorded as version 3, with a round in it."""
+    engine = open_database(url)
+    recorder = RunRecorder(engine)
+    run_id = recorder.start_run(config={}, aggregator="fedavg", model="tiny", tag="v3", flwr_run_id=None)
+    recorder.record_round(run_id, _report(1), None)
+    with engine.begin() as c:
+        c.execute(text("ALTER TABLE rounds DROP COLUMN central_epsilon"))
+        c.execute(text("DELETE FROM schema_version WHERE version > 3"))
+    engine.dispose()
+
+
+def _check_central_epsilon_upgrade(url: str) -> None:
+    from sqlalchemy import inspect
+
+    _a_version_3_database(url)
+    assert "central_epsilon" not in {c["name"] for c in inspect(create_engine(url)).get_columns("rounds")}
+    engine = open_database(url)  # upgrades in place
+    recorder = RunRecorder(engine)
+    recorder.record_round(1, _report(2), None, central_epsilon=1.25)
+    with Session(engine) as s:
+        rows = s.scalars(select(RoundRecord).order_by(RoundRecord.number)).all()
+        assert [(r.number, r.central_epsilon) for r in rows] == [(1, None), (2, 1.25)]  # the old row is kept
+    assert upgrade(engine) == SCHEMA_VERSION  # idempotent
+
+
+def test_a_version_3_sqlite_database_gets_the_central_epsilon_column(tmp_path):
+    _check_central_epsilon_upgrade(f"sqlite:///{tmp_path}/v3.db")
+
+
+def test_a_version_3_postgresql_database_gets_the_central_epsilon_column(postgres_url):
+    _check_central_epsilon_upgrade(postgres_url)

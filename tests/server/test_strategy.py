@@ -9,6 +9,7 @@ from server.strategy import LoraStrategy
 from server.validation import UpdateLimits, check_update
 from core.wire import (
     PayloadError,
+    record_bytes,
     record_to_merges,
     record_to_tensors,
     tensors_to_record,
@@ -224,3 +225,28 @@ def test_check_update_names_the_problem():
     inf["l1.q"]["B"][0, 0] = np.inf
     with pytest.raises(PayloadError, match="l1.q.B"):
         check_update(inf, spec, agg, 4)
+
+
+def test_a_per_round_uplink_is_sent_checked_and_counted():
+    """RoLoRA asks for B, then A: the payload says so, a reply with the other factor is
+    rejected, and the bytes up are those of the one factor each node sent."""
+    grid = FakeGrid({1: 4, 2: 4})
+    strategy = _strategy("rolora", per_round=2)
+    rng = np.random.default_rng(0)
+    for rnd, factor in ((1, "B"), (2, "A"), (3, "B")):
+        msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        assert {str(m.content["config"]["uplink"]) for m in msgs} == {factor}
+        assert {str(m.content["config"]["trainable"]) for m in msgs} == {factor}
+        honest, sent = _train_reply(msgs[0], rng)
+        wrong, _ = _train_reply(msgs[1], rng)
+        both = {m: {"A": np.zeros((4, s.d_in)), "B": np.zeros((s.d_out, 4))} for m, s in SHAPES.items()}
+        wrong.content["update"] = tensors_to_record(both)  # the class's union, not this round's factor
+        strategy.aggregate_train(rnd, [honest, wrong])
+        outcomes = {o.node_id: o for o in strategy.last_report.outcomes}
+        assert outcomes[2].status == "rejected" and f"expected ['{factor}']" in outcomes[2].reason
+        assert outcomes[1].status == "ok"
+        assert all(set(f) == {factor} for f in sent.values())
+        one = record_bytes(RecordDict({"update": tensors_to_record(sent)}))
+        assert outcomes[1].bytes_up == one
+        # float64 test arrays: one factor's data plus a small header per array
+        assert one - sum(v.nbytes for f in sent.values() for v in f.values()) < 64 * len(sent)

@@ -41,8 +41,17 @@ VOLATILE_KEYS = frozenset({"resume-run-id", "db-url", "round-timeout", "checkpoi
                            "mlflow-uri"})  # where the run is also tracked is no part of the experiment
 
 
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config with every key it lacks at its default: a run recorded before a key
+    existed ran with that key's default behaviour, so it is the same experiment as a run
+    that states the default (and resuming it is not refused over a key it never knew)."""
+    from core.config import RunConfig
+
+    return {**RunConfig().to_flower(), **config}
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    stable = {k: v for k, v in sorted(config.items()) if k not in VOLATILE_KEYS}
+    stable = {k: v for k, v in sorted(_with_defaults(config).items()) if k not in VOLATILE_KEYS}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -71,6 +80,7 @@ class CheckpointError(ValueError):
 
 def config_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """The keys (volatile ones aside) on which two run configs differ, sorted."""
+    recorded, requested = _with_defaults(recorded), _with_defaults(requested)
     return sorted(k for k in set(recorded) | set(requested)
                   if k not in VOLATILE_KEYS and recorded.get(k) != requested.get(k))
 

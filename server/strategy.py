@@ -6,8 +6,8 @@ editing it would leak between nodes), and turns replies into ``ClientUpdate``s,
 rejecting any reply that does not match what it was asked to upload (the aggregator's
 ``uplink``, or the round's ``Downlink.uplink`` where the method varies it by round).
 
-Nodes are known by what they say about themselves (a ``query`` message: rank, alpha,
-example count and a stable node key), never by assumption. Sampling is over the
+Nodes are known by what they say about themselves (``server.discovery``: the rank
+query), never by assumption. Sampling is over the
 stable keys, because Flower gives nodes new ids in every run: a resumed run then
 samples the same clients as an uninterrupted one.
 
@@ -37,10 +37,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from aggregation import Aggregator, ClientInfo, ClientUpdate, ModelSpec, Tensors
-from aggregation.base import check_rank
 from aggregation.diagnostics import relative_error
 from server import federated_eval as fed_eval
-from server.polling import PromptGrid
+from server.discovery import NodeDirectory
 from server.replies import read_reply
 from server.rounds import (
     ClientOutcome,
@@ -89,15 +88,13 @@ class LoraStrategy(Strategy):
         self.round_timeout = round_timeout
         self.state: Any = aggregator.init_state(spec)
         self.merge_log: list[tuple[int, Tensors]] = []
-        self.nodes: dict[int, NodeState] = {}
+        self.directory = NodeDirectory(max_rank=spec.max_rank, query_timeout=query_timeout)
         self.rng = np.random.default_rng(spec.seed)
         self.last_report: RoundReport | None = None
         self._pending: dict[int, ClientOutcome] = {}
         self._sent_state: Any = None
-        self._refused: dict[int, ClientOutcome] = {}
         self._grid: Grid | None = None
         self._round_started = utcnow()
-        self._announced: tuple[set[str], list[int]] | None = None  # rank queries sent early: ids, nodes
         self.fraction_evaluate = fraction_evaluate
         self.last_evaluation: fed_eval.RoundEvaluation | None = None
         self._evaluating: dict[int, int] = {}  # node -> bytes sent, this round's federated evaluation
@@ -105,63 +102,22 @@ class LoraStrategy(Strategy):
 
     # --- node discovery and sampling ------------------------------------------------------
 
-    def _unknown(self, grid: Grid) -> list[int]:
-        asked = set(self._announced[1]) if self._announced else set()
-        return [n for n in sorted(grid.get_node_ids()) if n not in self.nodes and n not in self._refused
-                and n not in asked]
+    @property
+    def nodes(self) -> dict[int, NodeState]:
+        return self.directory.nodes
 
-    def _queries(self, nodes: list[int]) -> list[Message]:
-        return [Message(RecordDict({"config": ConfigRecord({"max-rank": self.spec.max_rank})}),
-                        dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    @nodes.setter
+    def nodes(self, value: dict[int, NodeState]) -> None:
+        self.directory.nodes = value
 
     def announce(self, grid: Grid) -> None:
-        """Send the rank query to every connected node now and collect the answers in round 1.
-
-        Only on a grid that can pull replies later (``server.polling.PromptGrid``): the
-        answers then arrive while round 0 is evaluated instead of costing round 1 a
-        whole extra round trip.
-        """
-        if not isinstance(grid, PromptGrid):
-            return
-        nodes = self._unknown(grid)
-        if nodes:
-            self._announced = (set(grid.push_messages(self._queries(nodes))), nodes)
+        self.directory.announce(grid)
 
     def _discover(self, grid: Grid) -> None:
-        """Ask every connected node we have not heard from for its rank and key."""
-        if self._announced and isinstance(grid, PromptGrid):
-            ids, asked = self._announced
-            self._learn(grid.receive(ids, timeout=self.query_timeout), asked)
-        self._announced = None
-        unknown = self._unknown(grid)
-        if unknown:
-            self._learn(grid.send_and_receive(self._queries(unknown), timeout=self.query_timeout), unknown)
+        self.directory.discover(grid)
 
-    def _learn(self, replies: Iterable[Message], asked: list[int]) -> None:
-        answered = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            try:
-                self.nodes[node] = self._node_from_query(reply)
-            except (KeyError, TypeError, ValueError) as exc:
-                self._refused[node] = ClientOutcome(node, "rejected", str(exc))
-        for node in set(asked) - answered:
-            log(WARNING, "node %s did not answer the rank query", node)
-
-    def _node_from_query(self, reply: Message) -> NodeState:
-        if reply.has_error():
-            raise ValueError(f"query failed: {reply.error.reason}")
-        info = reply.content["info"]
-        rank, alpha = int(info["rank"]), float(info["alpha"])
-        check_rank(rank, self.spec.max_rank)
-        key = str(reply.content["identity"]["node-key"]) if "identity" in reply.content.config_records else ""
-        key = key or str(reply.metadata.src_node_id)
-        holder = next((n for n, s in self.nodes.items() if s.key == key and n != reply.metadata.src_node_id), None)
-        if holder is not None:
-            raise ValueError(f"node key {key!r} is already used by node {holder}; node keys must be unique")
-        return NodeState(key=key, rank=rank, alpha=alpha,
-                         num_examples=int(info["num-examples"]))
+    def _queries(self, nodes: list[int]) -> list[Message]:
+        return self.directory.queries(nodes)
 
     def _sample(self, grid: Grid, exclude: set[int], count: int) -> list[int]:
         connected = set(grid.get_node_ids())
@@ -179,8 +135,7 @@ class LoraStrategy(Strategy):
         self._grid = grid
         self._discover(grid)
         self._sent_state = self.state
-        self._pending = {n: o for n, o in self._refused.items() if n in set(grid.get_node_ids())}
-        self._refused = {}  # reported once; a refused node is asked again next round
+        self._pending = self.directory.take_refused(set(grid.get_node_ids()))
         sampled = self._sample(grid, exclude=set(), count=self.clients_per_round)
         if len(sampled) < self.min_clients:
             raise InsufficientReplies(

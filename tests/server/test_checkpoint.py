@@ -196,3 +196,15 @@ def test_the_privacy_accounts_round_trip_and_an_older_checkpoint_has_none(tmp_pa
     np.savez(old, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
     loaded = ckpt.load(old)
     assert loaded.privacy == {} and loaded.round == original.round
+
+
+def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_is_at_its_default():
+    from server.checkpoint import config_differences, config_hash
+
+    from core.config import RunConfig
+
+    current = RunConfig(model="tiny").to_flower()
+    old = {k: v for k, v in current.items() if k != "eval-every"}  # written by an older fedlora
+    assert config_hash(old) == config_hash(current) and config_differences(old, current) == []
+    changed = {**current, "eval-every": current["eval-every"] + 1}
+    assert config_differences(old, changed) == ["eval-every"]  # a real change is still refused

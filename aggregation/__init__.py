@@ -18,6 +18,8 @@ from aggregation.base import (
     Downlink,
     ModelSpec,
     ModuleShape,
+    DEFAULT_RECOMMENDED,
+    Recommended,
     Tensors,
     WeightedSum,
 )
@@ -60,6 +62,14 @@ def weighted_sum_names() -> list[str]:
     return [name for name in names() if isinstance(_REGISTRY[name].weighted_sum, WeightedSum)]
 
 
+def recommended(name: str) -> Recommended:
+    """The method's recommended local settings (its class's ``recommended``, else the default)."""
+    value = getattr(get_class(name), "recommended", DEFAULT_RECOMMENDED)
+    if not isinstance(value, Recommended):
+        raise TypeError(f"aggregator {name!r}: 'recommended' must be a Recommended, got {type(value).__name__}")
+    return value
+
+
 def create(name: str, **kwargs: Any) -> Aggregator:
     """Build the aggregator registered under ``name`` with keyword options."""
     return get_class(name)(**kwargs)  # type: ignore[no-any-return]
@@ -88,11 +98,13 @@ __all__ = [
     "Downlink",
     "ModelSpec",
     "ModuleShape",
+    "Recommended",
     "Tensors",
     "WeightedSum",
     "create",
     "get_class",
     "names",
+    "recommended",
     "register",
     "weighted_sum_names",
 ]

@@ -178,6 +178,30 @@ class WeightedSum:
 COVERAGES = frozenset({"rows", "cols", "block"})
 
 
+@dataclass(frozen=True)
+class Recommended:
+    """A method's recommended local training settings: used where the run leaves them unset.
+
+    ``learning_rate`` is what ``learning-rate = 0`` (the run config's default) resolves to
+    (``core.config``); ``source`` says where the number comes from (our tuning sweep,
+    ``python -m simulations.tune``, or "untuned"), ``paper`` the method paper's own setting,
+    so a user sees both. A class declares it as ``recommended = Recommended(...)``; one that
+    does not gets ``DEFAULT_RECOMMENDED`` (``aggregation.recommended``).
+    """
+
+    learning_rate: float
+    source: str
+    paper: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"a recommended learning rate must be > 0, got {self.learning_rate}")
+
+
+#: for a method without a tuned value of its own: LoRA's usual rate (the run config's old default)
+DEFAULT_RECOMMENDED = Recommended(learning_rate=1e-3, source="default for methods without a tuned value (untuned)")
+
+
 @runtime_checkable
 class Aggregator(Protocol):
     """A federated LoRA aggregation method.

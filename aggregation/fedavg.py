@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     WeightedSum,
     Aggregation,
     ClientInfo,
@@ -54,6 +55,9 @@ class FedAvg:
     adapter_kind = "lora"
     weighted_sum = WeightedSum(coverage={"A": "rows", "B": "cols"}, renormalised=True)  # per-component holder mean
     accepts_calibration = False
+    recommended = Recommended(learning_rate=1e-3, source="simulations/tuning.json (python -m simulations.tune, "
+                              "2026-12-01; lowest point of its grid)",
+                              paper="FedIT (arXiv 2305.05644): its rate not checked offline")
 
     def init_state(self, spec: ModelSpec) -> FactorState:
         return FactorState(factors=lora_init(spec), max_rank=spec.max_rank)

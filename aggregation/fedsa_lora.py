@@ -87,7 +87,7 @@ class FedSALoRA:
             raise ValueError(f"nodes {carrying_b} uploaded B: fedsa-lora keeps B on the node")
         factors = {}
         for name, f in state.factors.items():
-            parts = [(p, _uploaded_a(u, name)) for p, u in zip(weights, updates, strict=True)]
+            parts = ((p, _uploaded_a(u, name)) for p, u in zip(weights, updates, strict=True))
             factors[name] = {"A": component_mean(f["A"], parts, along="rows")}
         return Aggregation(state=SharedAState(factors=factors, d_out=dict(state.d_out), max_rank=state.max_rank))
 

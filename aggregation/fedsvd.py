@@ -117,7 +117,7 @@ class FedSVD:
         factors = {}
         for name, f in state.factors.items():
             sent = orthonormal_factors(f["B"], f["A"])  # what every client trained from
-            parts = [(p, _folded_b(u, name)) for p, u in zip(weights, updates, strict=True)]
+            parts = ((p, _folded_b(u, name)) for p, u in zip(weights, updates, strict=True))
             factors[name] = {"A": sent["A"], "B": component_mean(sent["B"], parts, along="cols")}
         return Aggregation(state=SumState(factors=factors, max_rank=state.max_rank))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def holder_weighted_mean(
     return {"A": a_out, "B": b_out}
 
 
-def component_mean(previous: np.ndarray, parts: Sequence[tuple[float, np.ndarray]], *, along: str) -> np.ndarray:
+def component_mean(previous: np.ndarray, parts: Iterable[tuple[float, np.ndarray]], *, along: str) -> np.ndarray:
     """One factor averaged per component over the clients that hold it.
 
     ``holder_weighted_mean``'s rule for methods that aggregate a single factor (the other
@@ -109,27 +109,30 @@ def component_mean(previous: np.ndarray, parts: Sequence[tuple[float, np.ndarray
     ``"rows"``: row j (an A, m x d_in). Each part ``(w_k, X_k)`` holds the first r_k
     components; component j becomes ``sum_{k: r_k > j} w_k X_k[j] / sum_{k: r_k > j} w_k``,
     and keeps ``previous[j]`` where no part with w_k > 0 holds it. With every part at
-    the full rank this is the plain weighted mean. Returns a new float64 array.
+    the full rank this is the plain weighted mean. ``parts`` may be a generator: one
+    upload is read at a time. Returns a new float64 array.
     """
     if along not in ("rows", "cols"):
         raise ValueError(f"along must be 'rows' or 'cols', got {along!r}")
-    flip = along == "cols"
+    axis = 0 if along == "rows" else 1
     prev = np.asarray(previous, dtype=np.float64)
-    prev = prev.T if flip else prev
     total = np.zeros_like(prev)
-    mass = np.zeros(prev.shape[0])
+    mass = np.zeros(prev.shape[axis])
     for w, part in parts:
         x = np.asarray(part, dtype=np.float64)
-        x = x.T if flip else x
-        if x.shape[0] > prev.shape[0] or x.shape[1] != prev.shape[1]:
-            raise ValueError(f"a {along} upload of shape {np.shape(part)} does not fit the global "
-                             f"factor of shape {np.shape(previous)}")
-        total[: x.shape[0]] += w * x
-        mass[: x.shape[0]] += w
+        held = x.shape[axis]
+        if x.ndim != 2 or held > prev.shape[axis] or x.shape[1 - axis] != prev.shape[1 - axis]:
+            raise ValueError(f"a {along} upload of shape {x.shape} does not fit the global factor of shape {prev.shape}")
+        lead = (slice(None),) * axis + (slice(held),)  # the components this part holds
+        total[lead] += w * x
+        mass[:held] += w
     held = mass > 0
     out = prev.copy()
-    out[held] = total[held] / mass[held][:, None]
-    return out.T.copy() if flip else out
+    if axis == 0:
+        out[held] = total[held] / mass[held][:, None]
+    else:
+        out[:, held] = total[:, held] / mass[held]
+    return out
 
 
 def stack_lowrank(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> Factors:

@@ -100,7 +100,7 @@ class RoLoRA:
             raise ValueError(f"rolora round {state.step} trains {factor}, but nodes {missing} did not upload it")
         factors = {}
         for name, f in state.factors.items():
-            parts = [(p, _upload(u, name, factor)) for p, u in zip(weights, updates, strict=True)]
+            parts = ((p, _upload(u, name, factor)) for p, u in zip(weights, updates, strict=True))
             if factor == "B":  # folded s_k B_k; component j is column j
                 factors[name] = {"A": f["A"], "B": component_mean(f["B"], parts, along="cols")}
             else:  # A carries no scale; component j is row j

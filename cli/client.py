@@ -7,8 +7,8 @@
              enrolled (the operator may also enroll a node.pub directly:
              ``fedlora coordinator register``)
   start      Flower's own flower-supernode with the node's key, the coordinator's CA and
-             its node_config (LoRA rank, local data file, device, ``dp-*`` settings),
-             validated first
+             its node_config (LoRA rank, local data file, device, the share held out
+             for federated evaluation, ``dp-*`` settings), validated first
   demo-data  one partition of a data source as an Alpaca JSONL file (demos, compose)
 
 A node's state lives in one directory (``--home``): ``node.key``, ``node.pub``,
@@ -36,7 +36,7 @@ from cli.node_worker import WorkerSupervisor, worker_socket
 from client.app import WORKER_KEY
 from cli.run_config import parse_assignment
 from aggregation.base import check_rank
-from core.config import RunConfig
+from core.config import RunConfig, check_node_eval_fraction, flower_key
 from core.data import load_examples, partition, split_heldout
 from privacy.settings import DP_PREFIX, check_node_config
 
@@ -53,6 +53,8 @@ READY_TIMEOUT = 90.0
 # between pulls from the SuperLink is Flower's, with no setting.)
 NODE_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
 ENROLLED = "enrollment.json"
+# federated evaluation: the node's own held-out share, under the run-config key it overrides (client.node)
+EVAL_FRACTION_KEY = flower_key("node_eval_fraction")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +81,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--max-rank", type=int, default=RunConfig.max_rank, help="the federation's max-rank")
     start.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: the run's)")
     start.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    start.add_argument("--eval-fraction", type=float, default=None,
+                       help="federated evaluation: share of this node's data held out (never trained on) to "
+                            "evaluate the global adapter on, in (0, 1) (default: the run's node-eval-fraction; "
+                            "used only in runs with fraction-evaluate > 0)")
     start.add_argument("--set", dest="extra", action="append", default=[], metavar="dp-KEY=VALUE",
                        help="extra node_config, only dp-* keys (repeatable)")
     start.add_argument("--no-worker", dest="worker", action="store_false",
@@ -149,7 +155,7 @@ def enroll(args: argparse.Namespace) -> int:
 
 def start(args: argparse.Namespace) -> int:
     config = node_config(rank=args.rank, max_rank=args.max_rank, data=args.data, alpha=args.alpha,
-                         device=args.device, extra=args.extra)
+                         device=args.device, extra=args.extra, eval_fraction=args.eval_fraction)
     key = Path(args.key).expanduser().resolve() if args.key else NodeKeys.in_dir(_home(args)).private
     load_node_key(key)
     ca = connection_ca(args)
@@ -204,7 +210,7 @@ def _run_supernode(args: argparse.Namespace, *, daemon: Daemon, worker: WorkerSu
 
 
 def node_config(*, rank: int, max_rank: int, data: str, alpha: float | None, device: str,
-                extra: list[str]) -> dict[str, Any]:
+                extra: list[str], eval_fraction: float | None = None) -> dict[str, Any]:
     """The SuperNode's node_config, validated; every error names the offending value."""
     check_rank(rank, max_rank)
     path = Path(data).expanduser().resolve()
@@ -217,6 +223,9 @@ def node_config(*, rank: int, max_rank: int, data: str, alpha: float | None, dev
         if not alpha > 0:
             raise ValueError(f"--alpha must be > 0, got {alpha}")
         config["lora-alpha"] = alpha
+    if eval_fraction is not None:
+        check_node_eval_fraction(eval_fraction, where="--eval-fraction")
+        config[EVAL_FRACTION_KEY] = eval_fraction
     for text in extra:
         key, value = parse_assignment(text, option="--set")
         if not key.startswith(PASS_THROUGH_PREFIX):

@@ -27,6 +27,7 @@ from privacy.settings import central_account
 from server.db import read
 from server.db.models import RoundRecord, Run
 from server.db.session import masked, open_database
+from server.federated_report import progress_lines
 from server.recording import RunRecorder
 from server.tracking import TrackingRecorder, tracked
 
@@ -175,6 +176,7 @@ def round_rows(session: Session, run_id: int, *, final: bool = True) -> list[str
             not_ok.setdefault(c.round_id, []).append(c)
     recorded = read.rounds(session, run_id)
     latest = max((r.number for r in recorded), default=0)
+    federated = progress_lines(session, run_id)  # recorded before its round's row: complete when that is
     rows = []
     if 0 in evals:
         ev = evals[0]
@@ -193,6 +195,8 @@ def round_rows(session: Session, run_id: int, *, final: bool = True) -> list[str
         for c in not_ok.get(r.id, []):
             reason = " ".join((c.reason or "no reason given").split())  # one line, whatever the node sent
             row += f"\n{'':>9}node {c.node_id} (rank {c.rank if c.rank is not None else '?'}): {c.status}: {reason}"
+        for line in federated.get(r.number, []):
+            row += f"\n{'':>9}{line}"
         rows.append(row)
     return rows
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cli.console import compact_table, console
 from core.config import default_db_url
+from server.federated_report import FEDERATED_COLUMNS, FEDERATED_LEGEND, federated_row
 from server.report import SUMMARY_COLUMNS, SUMMARY_LEGEND, build_report, summary_row
 
 
@@ -26,5 +27,14 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(*summary_row(s))
     console.print(table)
     console.print(SUMMARY_LEGEND, style="dim", markup=False, soft_wrap=False)
+    federated = [s for s in series if s.federated]
+    for s in federated:  # per evaluated round: the aggregate beside the spread, so a failed node shows
+        # the worst node's key is free text: it folds before any header is cut
+        table = compact_table(f"{s.label}: federated evaluation", FEDERATED_COLUMNS, fold={"worst node"})
+        for f in s.federated:
+            table.add_row(*federated_row(f))
+        console.print(table)
+    if federated:
+        console.print(FEDERATED_LEGEND, style="dim", markup=False, soft_wrap=False)
     console.print(f"plots and HTML report: {page}")
     return 0

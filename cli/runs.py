@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from cli.console import compact_table, console, fmt
 from core.config import default_db_url
 from server.db import read
+from server.federated_report import FEDERATED_COLUMNS, FEDERATED_LEGEND, federated_row, load_federated
 from server.db.session import masked, open_database
 
 
@@ -29,12 +30,21 @@ def run(args: argparse.Namespace) -> int:
     engine = open_database(url, create=False, write=False)  # a typo is not a new DB
     # model (a hub id or a path: free text) folds before any header is cut at 80 columns
     table = compact_table(f"runs in {masked(url)}", RUNS_COLUMNS, fold={"model"})
+    # federated evaluation: each run's last evaluated round, the aggregate beside the spread across nodes
+    federated = compact_table("federated evaluation (each run's last evaluated round)", ("id", *FEDERATED_COLUMNS),
+                              fold={"worst node"})
     with Session(engine) as session:
         for row in read.all_runs(session):
+            rounds, _ = load_federated(session, row.id)
+            if rounds:
+                federated.add_row(str(row.id), *federated_row(rounds[-1]))
             evals = read.evaluations(session, row.id)
             table.add_row(str(row.id), row.aggregator, row.model, row.status, str(len(read.rounds(session, row.id))),
                           fmt(evals[-1].perplexity if evals else None, 2),
                           fmt(read.central_epsilon(session, row.id), 3), row.started_at.strftime("%m-%d %H:%M"))
     console.print(table)
     console.print(RUNS_LEGEND, style="dim", markup=False, soft_wrap=False)
+    if federated.row_count:
+        console.print(federated)
+        console.print(FEDERATED_LEGEND, style="dim", markup=False, soft_wrap=False)
     return 0

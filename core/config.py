@@ -69,7 +69,8 @@ class RunConfig:
     max_rank: int = setting(64, "the federation's largest LoRA rank; every rank lies in 1..max-rank")
     lora_alpha: float = setting(16.0, "lora_alpha (a node may set its own)", aliases=('--alpha',))
     target_modules: str = setting("q_proj,v_proj", "comma-separated module names that get adapters")
-    learning_rate: float = setting(1e-3, "local learning rate", aliases=('--lr',))
+    learning_rate: float = setting(0.0, "local learning rate (0: the aggregator's recommended rate, "
+                                        "recorded in the run's config as the number used)", aliases=('--lr',))
     local_steps: int = setting(3, "optimizer steps per client per round")
     batch_size: int = setting(8, "local batch size")
     max_seq_len: int = setting(128, "tokens per example (longer ones are truncated)")
@@ -156,8 +157,13 @@ class RunConfig:
             check_rank(rank, self.max_rank)
         if not self.lora_alpha > 0:
             raise ValueError(f"lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.learning_rate == 0:
+            # the one place "unset" is resolved: every reader (clients' train config, Fed-SB's
+            # init, the run's recorded config) sees the number, never the 0
+            object.__setattr__(self, "learning_rate", aggregation.recommended(self.aggregator).learning_rate)
         if not self.learning_rate > 0:
-            raise ValueError(f"learning-rate must be > 0, got {self.learning_rate}")
+            raise ValueError(f"learning-rate must be > 0 (0: the aggregator's recommendation), "
+                             f"got {self.learning_rate}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if not self.round_timeout > 0:

@@ -23,7 +23,8 @@ GradientFn = Callable[[Sequence[Example]], dict[str, torch.Tensor]]
 
 
 @contextlib.contextmanager
-def weight_gradients(model: torch.nn.Module, tokenizer, *, targets: Sequence[str], max_len: int) -> Iterator[GradientFn]:
+def weight_gradients(model: torch.nn.Module, tokenizer, *, targets: Sequence[str],
+                     max_len: int) -> Iterator[GradientFn]:
     """Yield a function giving the summed target-weight gradients of a list of examples.
 
     Only the target weights require gradients while the block runs; afterwards no parameter

@@ -75,7 +75,8 @@ def pick(nodes: list[int], *, fraction: float, seed: int, server_round: int) -> 
     """``fraction`` of ``nodes`` (at least one), the same for the same seed and round."""
     if not nodes or fraction <= 0:
         return []
-    k = min(len(nodes), max(1, math.ceil(fraction * len(nodes))))
+    # less a hair before the ceiling: 0.07 x 100 is 7.000000000000001 in floating point, and means 7
+    k = min(len(nodes), max(1, math.ceil(fraction * len(nodes) - 1e-9)))
     rng = np.random.default_rng([seed, server_round, 0xE7A1])  # never the training sampler's stream
     return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
 
@@ -109,9 +110,12 @@ def read_evaluation(reply: Message, *, key: str, bytes_down: int) -> NodeEvaluat
         loss = float(metrics["eval-loss"])
         if not math.isfinite(loss):
             raise ValueError(f"eval-loss {loss} is not finite")
+        examples = int(metrics["num-examples"])
+        if examples < 1:  # it weighs the aggregate: zero would divide by zero, a negative flip it
+            raise ValueError(f"num-examples {examples} is not a positive count")
         return NodeEvaluationResult(
             node, key, "ok", loss=loss, perplexity=float(metrics["eval-perplexity"]),
-            num_examples=int(metrics["num-examples"]), tokens=int(metrics["eval-tokens"]),
+            num_examples=examples, tokens=int(metrics["eval-tokens"]),
             seconds=float(metrics["eval-seconds"]), bytes_down=bytes_down, merged_through=merged,
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -24,7 +24,14 @@ import aggregation
 from aggregation.base import ClientInfo, ClientUpdate
 from core.personal import PersonalStore, default_directory
 from core.presets import load_base
-from server.export import ExportResult, base_reference, check_output_directory, latest_checkpoint, write_peft_adapter
+from server.export import (
+    ExportResult,
+    base_reference,
+    check_output_directory,
+    hub_note,
+    latest_checkpoint,
+    write_peft_adapter,
+)
 
 
 def export_personal(db_url: str, run_id: int, node: str, out: Path, *, directory: Path | None = None,
@@ -60,7 +67,7 @@ def export_personal(db_url: str, run_id: int, node: str, out: Path, *, directory
         f"Aggregator `{checkpoint.aggregator}`: the shared factors from the server's checkpoint of round "
         f"{checkpoint.round}, the node's own (trained in its round {kept.server_round}, rank {kept.rank}, "
         f"lora_alpha {kept.alpha:g}) from `{store.path}`. LoRA rank {rank}, lora_alpha = r (the scale is "
-        f"folded into B). Base model: `{base_ref}`.\n", encoding="utf-8")
+        f"folded into B). Base model: `{base_ref}`.\n\n{hub_note(base)}\n", encoding="utf-8")
     (out / "fedlora_export.json").write_text(json.dumps(
         {"run_id": run_id, "round": checkpoint.round, "aggregator": checkpoint.aggregator, "kind": "personal adapter",
          "node": node, "node_round": kept.server_round, "rank": rank, "model": config["model"],

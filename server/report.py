@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from server.db import read
 from server.db.models import Run
 from server.db.session import open_database
+from server.federated_report import FederatedRound, NodeEvalRow, federated_html, load_federated, plot_nodes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,8 @@ class RunSeries:
     eval_ppl: list[float] = field(default_factory=list)
     epsilon: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # node -> (round, eps)
     clients: list[ClientRow] = field(default_factory=list)  # round order, then as recorded
+    federated: list[FederatedRound] = field(default_factory=list)  # federated evaluation: aggregate and spread
+    node_evals: list[NodeEvalRow] = field(default_factory=list)  # ... and each node's row (node-eval-report)
     config: dict[str, object] = field(default_factory=dict)  # the run config the run started with
 
     @property
@@ -103,6 +106,7 @@ def load_series(session: Session, run_id: int) -> RunSeries:
             round=u.round_number, node=u.node_id, rank=u.rank, examples=u.num_examples, loss=u.train_loss,
             seconds=u.seconds, bytes_down=u.bytes_down, bytes_up=u.bytes_up, status=u.status, reason=u.reason or "",
             epsilon=float(metrics["dp-epsilon"]) if "dp-epsilon" in metrics else None))
+    series.federated, series.node_evals = load_federated(session, run_id)
     return series
 
 
@@ -154,6 +158,10 @@ def make_plots(series: list[RunSeries], out: Path) -> list[Path]:
         lines = [(f"{s.label} node {node[-6:]}", [r for r, _ in pts], [e for _, e in pts])
                  for s in series for node, pts in sorted(s.epsilon.items())]
         plots.append(_plot(out / "epsilon.png", "DP epsilon spent per client", "epsilon", lines))
+    for s in series:  # one per run: a node's line on another run's axes would say nothing
+        if s.federated:
+            plots.append(plot_nodes(out / f"federated_nodes_run{s.run_id}.png",
+                                    f"{s.label}: held-out loss per node", s.federated, s.node_evals))
     return plots
 
 
@@ -242,13 +250,14 @@ def write_html(series: list[RunSeries], plots: list[Path], out: Path) -> Path:
         sections.append(f"<h2>{html.escape(s.label)}: {html.escape(s.model)}, {html.escape(s.status)}</h2>"
                         + _table(("round", "clients", "train loss", "eval ppl", "rel. error", "MB down", "MB up", "s"),
                                  rows)
-                        + client_table(s) + config_table(s))
+                        + client_table(s) + federated_html(s.federated, s.node_evals) + config_table(s))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedlora report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:48%;margin:4px}}
 td.reason{{text-align:left;max-width:32em}}table.config td{{text-align:left;font-family:monospace}}
 tr.failed td,tr.rejected td{{background:#fde8e8}}tr.declined td,tr.resync td{{background:#f3f3f3}}
 td[rowspan]{{background:#fff!important;vertical-align:top}}
+td.worst{{background:#fde8e8}}td.best{{background:#e6f4e6}}td.failed{{background:#f3f3f3}}
 table.clients th:last-child{{text-align:left}}p.legend{{color:#555;font-size:90%}}
 summary{{font-weight:bold;margin-top:1em;cursor:pointer}}</style></head>
 <body><h1>fedlora report</h1>{_table(SUMMARY_COLUMNS, [summary_row(s) for s in series])}

@@ -24,6 +24,8 @@ the limit itself, for the Fed-SB init's SVDs.
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from logging import WARNING
@@ -40,7 +42,7 @@ class _ThreadLimit(threading.local):
     threadpoolctl (3.8) lets one Python thread at a time control a process-wide pool such as
     OpenBLAS's: the first thread that sets a limit, for as long as it lives; the same thread
     must therefore apply a limit and restore it, and the ServerApp does all its math in its
-    own thread. A fresh ``ThreadpoolController`` (about 2 ms) sees libraries loaded since.
+    own thread.
     """
 
     depth = 0
@@ -49,10 +51,9 @@ class _ThreadLimit(threading.local):
     @contextlib.contextmanager
     def __call__(self, threads: int) -> Iterator[None]:
         if self.depth == 0:
-            from threadpoolctl import ThreadpoolController
-
-            self.limiter = ThreadpoolController().limit(limits=threads, user_api="blas")  # applied now
-            _warn_if_not_in_force(threads)
+            controller = _controller(len(sys.modules))
+            self.limiter = controller.limit(limits=threads, user_api="blas")  # applied now
+            _warn_if_not_in_force(controller, threads)
         self.depth += 1
         try:
             yield
@@ -63,16 +64,31 @@ class _ThreadLimit(threading.local):
                 self.limiter = None
 
 
-def _warn_if_not_in_force(threads: int) -> None:
-    from threadpoolctl import threadpool_info
+@functools.lru_cache(maxsize=1)
+def _controller(_modules: int) -> Any:
+    """threadpoolctl's view of the loaded libraries, found again only when imports changed.
 
-    above = [lib["filepath"] for lib in threadpool_info() if lib["user_api"] == "blas" and lib["num_threads"] > threads]
-    if above:  # another live thread holds threadpoolctl's control of the pool
+    Finding them walks every loaded shared object (2 ms in a quiet process, tens of ms in a
+    ServerApp with torch and Ray loaded), too much for every downlink. A library is loaded by
+    an import, so the count of imported modules is the cache key: numpy's BLAS, the one the
+    server's math uses, is loaded long before the first round.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _warn_if_not_in_force(controller: Any, threads: int) -> None:
+    above = [lib["filepath"] for lib in controller.info() if lib["user_api"] == "blas" and lib["num_threads"] > threads]
+    above = [path for path in above if path not in _WARNED]
+    if above:  # another live thread holds threadpoolctl's control of the pool; said once per library
+        _WARNED.update(above)
         log(WARNING, "server-threads %d is not in force in %s: another thread controls the BLAS pool", threads,
             ", ".join(above))
 
 
 _thread_limit = _ThreadLimit()
+_WARNED: set[str] = set()
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@
 strategy: every write goes to the database first, exactly as without it, and is then
 mirrored to one MLflow run per fedlora run: the run config as params, and per round
 train loss, held-out loss and perplexity, bytes up and down, ε, the aggregation's
-relative error and the clients sampled and aggregated (step = round number). It never
+relative error and the clients sampled and aggregated, and with federated evaluation the
+round's aggregate and its spread across nodes (step = round number). It never
 sees the math, only what the recorder is asked to write.
 
 The MLflow run is named after the fedlora run (``fedlora-<id>[-<tag>]``) and found again
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session
 from server.db.models import CheckpointRecord, Run
 from server.db.session import masked
 from server.evaluate import TimedEval
+from server.federated_eval import RoundEvaluation
 from server.recording import PrunedCheckpoint, RunRecorder
 from server.rounds import RoundReport
 
@@ -81,6 +83,18 @@ def round_metrics(report: RoundReport, central_epsilon: float | None) -> dict[st
 
 def evaluation_metrics(evaluation: TimedEval) -> dict[str, float]:
     values = {"eval_loss": evaluation.result.loss, "eval_perplexity": evaluation.result.perplexity}
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+
+
+def federated_metrics(evaluation: RoundEvaluation) -> dict[str, float]:
+    """A round's federated evaluation: the aggregate and the spread across nodes (empty if none evaluated)."""
+    spread = evaluation.spread()
+    if not spread:
+        return {}
+    values = {"federated_eval_loss": evaluation.loss, "federated_eval_perplexity": evaluation.perplexity,
+              "federated_eval_worst_loss": spread["worst"], "federated_eval_median_loss": spread["median"],
+              "federated_eval_best_loss": spread["best"], "federated_eval_nodes": len(evaluation.ok),
+              "federated_eval_failed": len(evaluation.nodes) - len(evaluation.ok)}
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
@@ -190,6 +204,14 @@ class TrackingRecorder:
         self.inner.record_evaluation(run_id, round_number, evaluation)
         self._mirror(run_id, f"evaluation {round_number}",
                      lambda key: self.sink.log(key, evaluation_metrics(evaluation), step=round_number))
+
+    def record_federated_evaluation(self, run_id: int, evaluation: RoundEvaluation, *, per_node: bool) -> None:
+        # MLflow gets the aggregate and the spread either way; per-node rows stay in the database
+        self.inner.record_federated_evaluation(run_id, evaluation, per_node=per_node)
+        metrics = federated_metrics(evaluation)
+        if metrics:
+            self._mirror(run_id, f"federated evaluation {evaluation.number}",
+                         lambda key: self.sink.log(key, metrics, step=evaluation.number))
 
     def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
         self.inner.finish_run(run_id, status=status, error=error)

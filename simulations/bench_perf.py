@@ -20,6 +20,8 @@ Prints, in one run (ratios where a ratio means something):
      5 MiB body: Flower's array chunk) takes through the front and without it;
   7. (``deploy``) warm nodes: deployment rounds with and without the resident node worker,
      tiny model and SmolLM2: non-training share, base-model loads per node, round 1 / round 2.
+  8. (``server``) the server's math: Fed-SB init and aggregation, standalone and inside the
+     simulation, with and without the BLAS thread limit (simulations.bench_server).
 Results are also written as JSON so runs can be compared.
 """
 
@@ -45,6 +47,7 @@ import aggregation
 from aggregation import ModelSpec, ModuleShape
 from server.db.session import scratch_schema
 from simulations import bench_aggregation as ba
+from simulations import bench_server
 from simulations.bench_deploy import deployment_latency, print_deployment
 from simulations.bench_warm import print_simulation, simulation_overhead, print_warm, warm_deployment
 
@@ -206,6 +209,9 @@ SECTIONS = {
                deployment_latency, print_deployment),
     7: Section("deploy", "warm nodes: a deployment round with and without the resident node worker (2 nodes "
                "through the CLI; tiny model and SmolLM2; --quick: tiny only)", warm_deployment, print_warm),
+    8: Section("server", "the server's math (Fed-SB init, aggregation): standalone and inside the simulation, "
+               "BLAS pools limited to 1 thread and not (simulations.bench_server)", bench_server.measure,
+               bench_server.show),
 }
 
 

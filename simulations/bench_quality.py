@@ -1,183 +1,230 @@
-"""Side-by-side quality of every aggregator on one federated task.
+"""Side-by-side quality of every aggregator on one federated task, over several seeds.
 
-    python -m simulations.bench_quality [--quick] [--out DIR] [--aggregators a,b] [--dp-epsilon E]
+    python -m simulations.bench_quality [--quick] [--out DIR] [--aggregators a,b] [--seeds 0,1,2]
+                                        [--scenarios mixed,homogeneous] [--dp-epsilon 8,2] [--rounds N]
 
-Each aggregator runs the same task on Flower's simulation engine (Dirichlet non-IID
-split, heterogeneous ranks, same seed), next to two references computed in-process:
-the *ceiling*, centralised LoRA on the pooled training data for the same total number
-of optimiser steps at the largest rank, and the *floor*, the base model untouched.
-Writes ``quality.md``, ``quality.csv`` and ``quality.png`` (held-out perplexity per
-round) to ``--out``. With ``--dp-epsilon`` it compares the aggregators whose aggregate
-is a sum (FedAvg, FFA-LoRA, Fed-SB) under per-client DP-SGD at that epsilon.
+Each aggregator runs the same task on Flower's simulation engine (Dirichlet non-IID split)
+at its own recommended learning rate (``aggregation.recommended``, from
+``python -m simulations.tune``) in each *scenario* (``mixed``: client ranks 2/4/8/16;
+``homogeneous``: every client at rank 8, the control, by default only for FedAvg, FLoRA,
+LoRA-FAIR and Fed-SB, whose claims it checks) and for each seed (the run's
+``seed``: client sampling, adapter initialisation, and with them the partition and the
+held-out split). Next to them, per seed, two references computed in-process: the
+*ceiling*, centralised LoRA on the pooled training data for the same total number of
+optimiser steps at the scenario's largest rank, and the *floor*, the base model untouched.
 
-The default size (SmolLM2-135M) takes about 20 minutes on 2 CPU cores; ``--quick``
-uses the tiny smoke-test model and exists so the test suite can run the whole path.
+Reported per method: held-out perplexity mean ± std over the seeds at every evaluated
+round and at the end, and a verdict against FedAvg: ``better`` / ``worse`` only when the
+difference of the means exceeds both standard deviations, else ``within noise``
+(``quality_stats``). The claims the method papers make are checked the same way, each
+marked confirms / refutes / cannot tell. With ``--dp-epsilon`` (a list) the methods whose
+aggregate is a sum (FedAvg, FFA-LoRA, Fed-SB) run under per-client DP-SGD at each ε.
+
+Writes ``quality.md``, ``quality.csv``, ``quality.json`` and ``quality.png`` to ``--out``.
+``--quick`` (tiny smoke-test model, one seed, one scenario) is what the test suite runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 import aggregation
+from cli.app import main as cli_main
+from core.config import parse_ranks
 from core.data import load_examples, partition, split_heldout
 from core.model import AdaptedModel, AdapterSpec
 from core.presets import load_base
 from core.trainer import TrainConfig, evaluate, train
-from cli.app import main as cli_main
-from core.config import parse_ranks
 from server.db.models import Run
 from server.db.session import open_database
 from server.report import load_series
-
-DEFAULT = dict(model="smollm2", num_clients=6, clients_per_round=3, rounds=3, local_steps=3, ranks="4,8,16",
-               max_rank=16, lr=1e-3, eval_examples=48, max_seq_len=64, partition="dirichlet:0.5", batch_size=8)
-QUICK = dict(model="tiny", num_clients=3, clients_per_round=3, rounds=2, local_steps=2, ranks="2,4,8",
-             max_rank=8, lr=0.05, eval_examples=8, max_seq_len=48, partition="dirichlet:0.5", batch_size=4)
-# the methods whose aggregate is a weighted sum (the capability their classes declare)
-DP_AGGREGATORS = tuple(aggregation.weighted_sum_names())
+from simulations.quality_stats import Curve, Summary, claims, summarise, write_outputs
 
 
 @dataclass(frozen=True)
-class Row:
-    name: str
-    final_ppl: float
-    best_round: int | None
-    mb_down: float
-    mb_up: float
-    wall_s: float
-    status: str
-    curve: tuple[tuple[int, float], ...]
+class Size:
+    """One benchmark size: the run-config values every method shares (stated in the table header)."""
+
+    model: str
+    num_clients: int
+    clients_per_round: int
+    rounds: int
+    local_steps: int
+    eval_examples: int
+    max_seq_len: int
+    batch_size: int
+    eval_every: int
+    max_rank: int = 16
+    partition: str = "dirichlet:0.5"
+
+    def describe(self) -> str:
+        return (f"{self.model}, {self.num_clients} clients ({self.clients_per_round}/round), {self.partition}, "
+                f"{self.rounds} rounds x {self.local_steps} local steps, batch {self.batch_size}, "
+                f"seq {self.max_seq_len}, {self.eval_examples} held-out examples, eval every {self.eval_every}")
 
 
-def run_aggregator(name: str, size: dict, out: Path, seed: int, extra: list[str]) -> Row:
-    db = f"sqlite:///{out / 'quality.db'}"
-    args = ["simulate", "--aggregator", name, "--model", size["model"], "--num-clients", str(size["num_clients"]),
-            "--clients-per-round", str(size["clients_per_round"]), "--rounds", str(size["rounds"]),
-            "--local-steps", str(size["local_steps"]), "--ranks", size["ranks"], "--max-rank", str(size["max_rank"]),
-            "--lr", str(size["lr"]), "--eval-examples", str(size["eval_examples"]),
-            "--max-seq-len", str(size["max_seq_len"]), "--partition", size["partition"],
-            "--batch-size", str(size["batch_size"]), "--seed", str(seed), "--db", db,
-            "--home", str(out / "flwr"), "--checkpoint-dir", str(out / "checkpoints"), *extra]
+# (11 methods mixed + 4 claim methods homogeneous) x 3 seeds = 45 simulations; estimated at
+# ~80 s each on 2 idle cores (the 2026-11-24 table took ~130 s a run at 3 x 3 steps, seq 64),
+# about an hour in all. Not yet measured at this size: on shared cores a run took 7-16 min.
+DEFAULT = Size(model="smollm2", num_clients=6, clients_per_round=3, rounds=4, local_steps=2, eval_examples=16,
+               max_seq_len=48, batch_size=8, eval_every=2)
+QUICK = Size(model="tiny", num_clients=3, clients_per_round=3, rounds=2, local_steps=2, eval_examples=8,
+             max_seq_len=48, batch_size=4, eval_every=1, max_rank=8)
+#: scenario -> client ranks, cycled over partitions; the quick size caps them at its max-rank
+SCENARIOS = {"mixed": "2,4,8,16", "homogeneous": "8,8,8,8"}
+QUICK_SCENARIOS = {"mixed": "2,4,8", "homogeneous": "4,4,4"}
+# the methods whose aggregate is a weighted sum (the capability their classes declare)
+DP_AGGREGATORS = tuple(aggregation.weighted_sum_names())
+#: the homogeneous control runs, by default, only the methods whose claims it checks
+CONTROL_METHODS = ("fedavg", "flora", "lora-fair", "fed-sb")
+
+
+def ranks_for(size: Size, scenario: str) -> str:
+    return (QUICK_SCENARIOS if size.max_rank < 16 else SCENARIOS)[scenario]
+
+
+def simulate_args(name: str, size: Size, *, ranks: str, seed: int, out: Path, lr: float = 0.0,
+                  data: str = "chatterbot") -> list[str]:
+    """``fedlora simulate`` flags for one run; ``lr`` 0 is the method's recommendation."""
+    return ["simulate", "--aggregator", name, "--model", size.model, "--num-clients", str(size.num_clients),
+            "--clients-per-round", str(size.clients_per_round), "--rounds", str(size.rounds),
+            "--local-steps", str(size.local_steps), "--ranks", ranks, "--max-rank", str(size.max_rank),
+            "--lr", str(lr), "--eval-examples", str(size.eval_examples), "--eval-every", str(size.eval_every),
+            "--max-seq-len", str(size.max_seq_len), "--partition", size.partition, "--data", data,
+            "--batch-size", str(size.batch_size), "--seed", str(seed), "--db", f"sqlite:///{out / 'quality.db'}",
+            "--home", str(out / "flwr"), "--checkpoint-dir", str(out / "checkpoints")]
+
+
+def run_one(name: str, args: list[str], out: Path) -> Curve:
+    """One simulation through the CLI; its evaluated rounds and upload read back from the database."""
+    engine = open_database(f"sqlite:///{out / 'quality.db'}")
+    with Session(engine) as session:  # a run stopped before its row exists must not read the previous one
+        before = session.scalar(select(func.max(Run.id))) or 0
     start = time.monotonic()
     code = cli_main(args)
     wall = time.monotonic() - start
-    with Session(open_database(db)) as session:
-        run_id = session.scalars(select(Run.id).where(Run.aggregator == name).order_by(Run.id.desc())).first()
+    with Session(engine) as session:
+        run_id = session.scalars(select(Run.id).where(Run.aggregator == name, Run.id > before)
+                                 .order_by(Run.id.desc())).first()
         if run_id is None:
-            return Row(name, math.nan, None, 0.0, 0.0, wall, f"failed (exit {code})", ())
+            return Curve(name=name, points=(), mb_up=0.0, wall_s=wall, status=f"failed (exit {code})", lr=math.nan)
         s = load_series(session, run_id)
-    return Row(name, s.eval_ppl[-1] if s.eval_ppl else math.nan, s.best_round, sum(s.mb_down), sum(s.mb_up),
-               wall, s.status, tuple(zip(s.eval_rounds, s.eval_ppl)))
+    lr = float(s.config.get("learning-rate", math.nan))
+    return Curve(name=name, points=tuple(zip(s.eval_rounds, s.eval_ppl)), mb_up=sum(s.mb_up), wall_s=wall,
+                 status=s.status, lr=lr)
 
 
-def references(size: dict, seed: int, *, private_run: bool = False) -> tuple[Row, Row]:
-    """(centralised ceiling, base-model floor), evaluated on the same held-out rows.
+def eval_rounds(size: Size) -> list[int]:
+    """The rounds the server evaluates: 0, every ``eval-every``-th, and the last."""
+    return sorted({0, size.rounds, *range(size.eval_every, size.rounds + 1, size.eval_every)})
+
+
+def references(size: Size, seed: int, *, ranks: str, private_run: bool = False) -> tuple[Curve, Curve]:
+    """(centralised ceiling, base-model floor), on the same held-out rows the server evaluates.
 
     The ceiling is trained without DP even when the federated runs use it (``private_run``
-    only labels it so): it shows what the privacy costs, not a private baseline.
+    only labels it so), at FedAvg's recommended rate: plain LoRA on A and B.
     """
     start = time.monotonic()
-    base = load_base(size["model"])
+    base = load_base(size.model)
     train_rows, heldout = split_heldout(load_examples("chatterbot"), 0.1, seed)
-    heldout = heldout[: size["eval_examples"]]
-    floor = evaluate(base.model, heldout, base.tokenizer, max_len=size["max_seq_len"]).perplexity
-    floor_row = Row("base model (floor)", floor, 0, 0.0, 0.0, time.monotonic() - start, "reference",
-                    tuple((r, floor) for r in range(size["rounds"] + 1)))
+    heldout = heldout[: size.eval_examples]
+    floor = evaluate(base.model, heldout, base.tokenizer, max_len=size.max_seq_len).perplexity
+    rounds = eval_rounds(size)
+    floor_row = Curve(name="base model (floor)", points=tuple((r, floor) for r in rounds), mb_up=0.0,
+                      wall_s=time.monotonic() - start, status="reference", lr=math.nan)
     # same examples the clients hold, pooled; same optimiser steps per "round" as the federation
-    pooled = [ex for part in partition(train_rows, size["partition"], size["num_clients"], seed) for ex in part]
-    rank = max(parse_ranks(size["ranks"]))
+    pooled = [ex for part in partition(train_rows, size.partition, size.num_clients, seed) for ex in part]
+    lr = aggregation.recommended("fedavg").learning_rate
     torch.manual_seed(seed)  # before the adapter exists: its A is drawn from this RNG
-    adapted = AdaptedModel(copy.deepcopy(base.model),
-                           AdapterSpec(kind="lora", rank=rank, alpha=16.0, targets=("q_proj", "v_proj")))
+    adapted = AdaptedModel(copy.deepcopy(base.model), AdapterSpec(kind="lora", rank=max(parse_ranks(ranks)),
+                                                                  alpha=16.0, targets=("q_proj", "v_proj")))
     adapted.set_trainable(frozenset({"A", "B"}))
-    curve = [(0, floor)]
+    points = [(0, floor)]
     start = time.monotonic()
-    for r in range(1, size["rounds"] + 1):
-        steps = size["clients_per_round"] * size["local_steps"]
-        train(adapted, pooled, base.tokenizer, TrainConfig(steps=steps, batch_size=size["batch_size"],
-                                                            learning_rate=size["lr"], max_len=size["max_seq_len"],
-                                                            seed=seed + r))
-        curve.append((r, evaluate(adapted.model, heldout, base.tokenizer, max_len=size["max_seq_len"]).perplexity))
-    best = min(curve[1:], key=lambda c: c[1])[0]
+    for r in range(1, size.rounds + 1):
+        train(adapted, pooled, base.tokenizer, TrainConfig(steps=size.clients_per_round * size.local_steps,
+                                                            batch_size=size.batch_size, learning_rate=lr,
+                                                            max_len=size.max_seq_len, seed=seed + r))
+        if r in rounds:
+            points.append((r, evaluate(adapted.model, heldout, base.tokenizer, max_len=size.max_seq_len).perplexity))
     label = "centralised LoRA (ceiling, no DP)" if private_run else "centralised LoRA (ceiling)"
-    ceiling = Row(label, curve[-1][1], best, 0.0, 0.0, time.monotonic() - start,
-                  "reference", tuple(curve))
-    return ceiling, floor_row
+    return Curve(name=label, points=tuple(points), mb_up=0.0, wall_s=time.monotonic() - start,
+                 status="reference", lr=lr), floor_row
 
 
-def write_outputs(rows: list[Row], out: Path, title: str) -> Path:
-    headers = ["method", "final eval ppl", "best round", "MB down", "MB up", "wall s", "status", "ppl by round"]
-    table = [[r.name, f"{r.final_ppl:.3f}", "-" if r.best_round is None else str(r.best_round),
-              f"{r.mb_down:.2f}", f"{r.mb_up:.2f}", f"{r.wall_s:.1f}", r.status,
-              " → ".join(f"{ppl:.1f}" for _, ppl in r.curve)] for r in rows]
-    md = [f"# {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    md += ["| " + " | ".join(row) + " |" for row in table]
-    (out / "quality.md").write_text("\n".join(md) + "\n")
-    with open(out / "quality.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(headers)
-        writer.writerows(table)
-    import matplotlib
+def dp_flags(out: Path, name: str, epsilon: float, seed: int) -> list[str]:
+    # each method and seed gets its own privacy ledger: they must not spend each other's budget
+    if not epsilon:
+        return []
+    return ["--dp-epsilon", str(epsilon), "--dp-state-dir", str(out / "dp-state" / f"{name}-eps{epsilon}-s{seed}")]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for r in rows:
-        if r.curve:
-            style = "--" if r.status == "reference" else "-"
-            ax.plot([x for x, _ in r.curve], [y for _, y in r.curve], style, marker="o", markersize=3, label=r.name)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out answer perplexity")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality.png")
-    plt.close(fig)
-    return out / "quality.md"
+def run_table(names: list[str], size: Size, *, scenario: str, seeds: list[int], out: Path, epsilon: float = 0.0,
+              with_references: bool = True) -> list[Summary]:
+    """Every method over every seed in one scenario (and DP level), summarised."""
+    ranks = ranks_for(size, scenario)
+    runs: dict[str, list[Curve]] = {}
+    for seed in seeds:
+        for name in names:
+            args = simulate_args(name, size, ranks=ranks, seed=seed, out=out) + dp_flags(out, name, epsilon, seed)
+            runs.setdefault(name, []).append(run_one(name, args, out))
+        if with_references:
+            for ref in references(size, seed, ranks=ranks, private_run=bool(epsilon)):
+                runs.setdefault(ref.name, []).append(ref)
+    return [summarise(curves) for curves in runs.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: for the test suite")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds, one seed: for the test suite")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--aggregators", default="", help="comma list (default: all, or the DP set with --dp-epsilon)")
-    parser.add_argument("--dp-epsilon", type=float, default=0.0, help="compare FedAvg, FFA-LoRA, Fed-SB under DP")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="", help="comma list (default 0,1,2; --quick: 0)")
+    parser.add_argument("--scenarios", default="", help=f"comma list of {', '.join(SCENARIOS)} (default: both; "
+                                                        "--quick: mixed)")
+    parser.add_argument("--dp-epsilon", default="", help="comma list of ε: FedAvg, FFA-LoRA, Fed-SB under DP-SGD")
+    parser.add_argument("--rounds", type=int, default=0, help="override the size's rounds")
+    parser.add_argument("--eval-examples", type=int, default=0, help="override the size's held-out examples")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else DEFAULT
-    names = [n for n in args.aggregators.split(",") if n] or (
-        list(DP_AGGREGATORS) if args.dp_epsilon else aggregation.names())
+    size = replace(size, rounds=args.rounds or size.rounds, eval_examples=args.eval_examples or size.eval_examples)
+    epsilons = [float(e) for e in args.dp_epsilon.split(",") if e]
+    seeds = [int(s) for s in args.seeds.split(",") if s] or ([0] if args.quick else [0, 1, 2])
+    scenarios = [s for s in args.scenarios.split(",") if s] or (["mixed"] if args.quick else list(SCENARIOS))
+    names = [n for n in args.aggregators.split(",") if n] or (list(DP_AGGREGATORS) if epsilons else aggregation.names())
     for name in names:
         aggregation.get_class(name)  # unknown names fail before anything runs
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; valid: {', '.join(SCENARIOS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    def extra(name: str) -> list[str]:
-        # each method gets its own privacy ledger: they must not spend each other's budget
-        if not args.dp_epsilon:
-            return []
-        return ["--dp-epsilon", str(args.dp_epsilon), "--dp-state-dir", str(args.out / "dp-state" / name)]
-
-    rows = [run_aggregator(name, size, args.out, args.seed, extra(name)) for name in names]
-    rows += list(references(size, args.seed, private_run=bool(args.dp_epsilon)))
-    title = f"{size['model']}: {size['num_clients']} clients, {size['partition']}, ranks {size['ranks']}" + (
-        f", DP eps={args.dp_epsilon}" if args.dp_epsilon else "")
-    path = write_outputs(rows, args.out, title)
+    tables: dict[str, list[Summary]] = {}
+    for scenario in scenarios:
+        for epsilon in epsilons or [0.0]:
+            label = f"{scenario} ranks {ranks_for(size, scenario)}" + (f", DP ε={epsilon:g}" if epsilon else "")
+            chosen = names if args.aggregators or scenario != "homogeneous" else [
+                n for n in names if n in CONTROL_METHODS]
+            tables[label] = run_table(chosen, size, scenario=scenario, seeds=seeds, out=args.out, epsilon=epsilon)
+    header = f"{size.describe()}; seeds {','.join(map(str, seeds))}; each method at its recommended lr"
+    verdicts = claims(tables)
+    path = write_outputs(tables, verdicts, args.out, header)
+    (args.out / "quality.json").write_text(json.dumps(
+        {"size": asdict(size), "seeds": seeds, "claims": verdicts,
+         "tables": {k: [asdict(s) for s in v] for k, v in tables.items()}}, indent=1, default=str))
     print(path.read_text())
-    print(f"CSV: {args.out / 'quality.csv'}  plot: {args.out / 'quality.png'}")
-    return 0 if all(r.status in ("completed", "reference") for r in rows) else 1
+    print(f"CSV: {args.out / 'quality.csv'}  JSON: {args.out / 'quality.json'}  plot: {args.out / 'quality.png'}")
+    return 0 if all(s.status in ("completed", "reference") for v in tables.values() for s in v) else 1
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def _start(home, data, *extra, coordinator=None, ca=None):
         (["--rank", "4", "--device", "gpu"], "'gpu'"),
         (["--rank", "4", "--set", "lora-rank=8"], "'lora-rank=8'"),
         (["--rank", "4", "--alpha", "-1"], "-1"),
+        (["--rank", "4", "--eval-fraction", "1"], "--eval-fraction must be in (0, 1), got 1.0"),
+        (["--rank", "4", "--eval-fraction", "0"], "--eval-fraction must be in (0, 1), got 0.0"),
     ],
 )
 def test_client_start_refuses_bad_node_config(capsys, node_home, data_file, extra, needle):
@@ -235,6 +237,16 @@ def test_node_config_passes_dp_keys_through(data_file):
                          extra=["dp-noise-multiplier=1.1", "dp-accountant=prv"])
     assert config == {"lora-rank": 8, "data-path": str(data_file), "device": "cpu", "lora-alpha": 32.0,
                       "dp-noise-multiplier": 1.1, "dp-accountant": "prv"}
+
+
+def test_node_config_carries_the_nodes_own_held_out_share_under_the_key_the_node_reads(data_file):
+    from client.node import NODE_EVAL_FRACTION
+
+    config = node_config(rank=4, max_rank=64, data=str(data_file), alpha=None, device="cpu", extra=[],
+                         eval_fraction=0.25)
+    assert config[NODE_EVAL_FRACTION] == 0.25
+    assert NODE_EVAL_FRACTION not in node_config(rank=4, max_rank=64, data=str(data_file), alpha=None,
+                                                 device="cpu", extra=[])  # the run's node-eval-fraction applies
 
 
 def test_node_config_file_is_parsed_by_flower(tmp_path, data_file):

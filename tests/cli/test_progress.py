@@ -258,3 +258,20 @@ def test_plain_lines_say_which_round_is_running_after_30_quiet_seconds(capsys):
     display.tick()
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "  ... round 2/3 running" and sum("running" in line for line in out) == 1
+
+
+def test_an_evaluated_round_gets_one_federated_line_then_one_per_node_that_failed(tmp_path):
+    from tests.server.test_federated_report import federated_run
+
+    engine = open_database(f"sqlite:///{tmp_path}/r.db")
+    run_id = federated_run(f"sqlite:///{tmp_path}/r.db")
+    with Session(engine) as session:
+        first, second = progress.round_rows(session, run_id)
+    lines = first.splitlines()
+    assert lines[0].split()[:3] == ["1", "1/1", "2.0000"]  # the round's own row, as before
+    assert lines[1] == (" " * 9 + "federated loss 2.1186 over 3/3 nodes: worst 5.0000 median 2.2000 best 2.0000 "
+                        "(worst: clinic-c, 8 ex)")
+    assert len(lines) == 2
+    lines = second.splitlines()
+    assert lines[1].startswith(" " * 9 + "federated loss 1.5857 over 2/3 nodes: worst 1.7000")
+    assert lines[2] == " " * 9 + "node clinic-c (evaluation): failed: evaluation failed: CUDA out of memory <oom>"

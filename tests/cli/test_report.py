@@ -46,3 +46,27 @@ def test_the_summary_shows_every_header_whole_at_80_columns(tmp_path, monkeypatc
     # ... the status folds within its column when the row is this wide, and reads back whole
     start, end = header.index("status"), header.index("rounds")
     assert lines[row][start:end].strip() + lines[row + 1][start:end].strip() == "interrupted"
+
+
+def test_each_runs_federated_rounds_show_the_aggregate_and_the_spread_at_80_columns(tmp_path, monkeypatch):
+    from server.federated_report import FEDERATED_COLUMNS
+    from tests.server.test_federated_report import federated_run
+
+    db = f"sqlite:///{tmp_path}/r.db"
+    ids = [_run(db, "fedavg", "completed"), federated_run(db), federated_run(db, per_node=False)]
+    narrow = Console(width=80, record=True)
+    monkeypatch.setattr(cli.report, "console", narrow)
+    assert main(["report", *map(str, ids), "--out", str(tmp_path / "out"), "--db", db]) == 0
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in text
+    assert f"run {ids[0]} (fedavg): federated evaluation" not in text  # no federated evaluation: no table
+    headers = [i for i, line in enumerate(lines) if line.split()[:2] == ["round", "nodes"]]
+    assert len(headers) == 2
+    for i in headers:
+        for column in FEDERATED_COLUMNS:
+            assert f" {column} " in f" {lines[i]} ", column
+    per_node, aggregate_only = ([line.split() for line in lines[i + 2:i + 4]] for i in headers)
+    assert per_node == [["1", "3/3", "2.1186", "8.32", "5.0000", "2.2000", "2.0000", "clinic-c", "(8)"],
+                        ["2", "2/3", "1.5857", "4.88", "1.7000", "1.6000", "1.5000", "hospital-b", "(300)"]]
+    assert aggregate_only[0] == ["1", "3/3", "2.1186", "8.32", "5.0000", "2.2000", "2.0000", "-"]

@@ -43,3 +43,24 @@ def test_runs_shows_every_header_whole_at_80_columns(tmp_path, monkeypatch):
     # the long path folds within its column: read the column's slice of every line back
     start, end = header.index("model"), header.index("status")
     assert LONG_MODEL in "".join(line[start:end].strip() for line in lines[lines.index(header) + 1:])
+
+
+def test_runs_shows_each_runs_last_federated_round_with_its_spread_at_80_columns(tmp_path, monkeypatch):
+    from tests.server.test_federated_report import federated_run
+
+    db = f"sqlite:///{tmp_path}/runs.db"
+    _runs(db)  # two runs without federated evaluation: no row of their own below
+    run_id = federated_run(db, rounds={2: [("hospital-a", 1.5, 400), ("a-very-long-node-name-for-the-clinic", 6.25, 8)]})
+    narrow = Console(width=80, record=True)
+    monkeypatch.setattr(cli.runs, "console", narrow)
+    assert main(["runs", "--db", db]) == 0
+    lines = narrow.export_text().splitlines()
+    assert max(map(len, lines)) <= 80 and not any("…" in line for line in lines)
+    header = next(line for line in lines if line.split()[:2] == ["id", "round"])
+    for column in ("id", *cli.runs.FEDERATED_COLUMNS):
+        assert f" {column} " in f" {header} ", column
+    body = lines[lines.index(header) + 2:]
+    assert body[0].split()[:7] == [str(run_id), "2", "2/2", "1.5931", "4.92", "6.2500", "3.8750"]
+    # the worst node's key folds within its column, its held-out count with it
+    start = header.index("worst node")
+    assert "".join(line[start:].strip() for line in body[:2]) == "a-very-long-node-name-for-the-clinic (8)"

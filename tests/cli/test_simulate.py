@@ -128,3 +128,35 @@ def test_a_relative_mlflow_store_is_made_absolute_for_the_serverapp(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["simulate", "--model", "tiny", "--mlflow-uri", "sqlite:///mlflow.db"])
     assert config_from_args(args).mlflow_uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_the_demo_trains_every_node_each_round_at_the_methods_rate(tmp_path):
+    # `make demo` is `fedlora simulate` with no arguments: what it runs is these defaults
+    import aggregation
+    from cli.app import build_parser
+    from cli.simulate import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["simulate", "--db", f"sqlite:///{tmp_path}/d.db"]))
+    assert cfg.clients_per_round == 8 and cfg.simulation_nodes == 8
+    assert cfg.learning_rate == aggregation.recommended("fedavg").learning_rate
+    given = config_from_args(build_parser().parse_args(["simulate", "--clients-per-round", "2", "--lr", "0.01",
+                                                        "--db", f"sqlite:///{tmp_path}/d.db"]))
+    assert (given.clients_per_round, given.learning_rate) == (2, 0.01)
+
+
+@pytest.mark.integration
+def test_the_demo_config_runs_end_to_end_on_the_tiny_model(tmp_path):
+    # the plumbing only: the tiny model learns nothing (the improvement is a README figure)
+    from sqlalchemy.orm import Session
+
+    from server.db.session import open_database
+    from server.report import load_series
+
+    db = f"sqlite:///{tmp_path}/demo.db"
+    assert main(["simulate", "--model", "tiny", "--db", db, "--home", str(tmp_path / "flwr"),
+                 "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    with Session(open_database(db)) as s:
+        series = load_series(s, 1)
+    assert series.status == "completed" and series.clients_ok == [8, 8, 8]
+    assert series.eval_rounds[0] == 0 and series.eval_rounds[-1] == 3
+    assert series.config["learning-rate"] > 0  # the recommendation, recorded as the number used

@@ -41,3 +41,27 @@ def test_ranks_cycle_over_partitions():
     cfg = RunConfig(ranks="2,4,8")
     assert [cfg.rank_for_partition(i) for i in range(5)] == [2, 4, 8, 2, 4]
     assert parse_ranks(" 4, 16") == (4, 16)
+
+
+def test_unset_learning_rate_is_the_methods_recommendation_and_is_recorded():
+    import aggregation
+
+    for name in ("fedavg", "fed-sb"):
+        cfg = RunConfig(aggregator=name)  # learning-rate's default 0: "the method's recommendation"
+        assert cfg.learning_rate == aggregation.recommended(name).learning_rate
+        assert cfg.to_flower()["learning-rate"] == cfg.learning_rate  # the run's record holds the number
+    assert RunConfig(aggregator="fed-sb", learning_rate=0.5).learning_rate == 0.5  # explicit wins
+
+
+def test_a_class_without_its_own_recommendation_gets_the_documented_default():
+    import aggregation
+    from aggregation.base import DEFAULT_RECOMMENDED
+
+    class Bare:
+        pass
+
+    aggregation._REGISTRY["bare-test"] = Bare
+    try:
+        assert aggregation.recommended("bare-test") == DEFAULT_RECOMMENDED
+    finally:
+        del aggregation._REGISTRY["bare-test"]

@@ -7,7 +7,8 @@ enrolled with a one-time token (``coordinator invite`` + ``client enroll --token
 node-2 by the operator (``coordinator register --public-key``). A run logged to SQLite
 (the coordinator's --db) and one logged to PostgreSQL (run-config db-url, when PostgreSQL
 is reachable; skipped with the reason otherwise) are submitted by the operator on the
-loopback port with ``fedlora run`` at once. Meanwhile: a party holding only ``ca.crt`` is
+loopback port with ``fedlora run`` at once, with federated evaluation on (both nodes score the
+last round on their own held-out slice, node-1's share set by ``client start --eval-fraction``). Meanwhile: a party holding only ``ca.crt`` is
 refused every Control call through the public port (with Flower's own CLI), a token works
 once, a revoked node is rejected, a never-enrolled one too. Last, SIGTERM stops the
 coordinator with exit code 143. Every process runs in its own process group and is
@@ -41,7 +42,7 @@ from sqlalchemy.orm import Session
 from core.data import load_examples
 from cli.certs import generate_node_keys, generate_tls, load_node_public_key, probe
 from cli import APP_DIR as PROJECT_ROOT
-from server.db.models import ClientUpdateRecord, Evaluation, Run
+from server.db.models import ClientUpdateRecord, Evaluation, FederatedEvaluation, NodeEvaluation, Run
 from server.db.session import open_database, scratch_schema
 from cli.node_registry import NodeRegistry
 from cli.flower import write_connection
@@ -56,6 +57,10 @@ RUN_ARGS = ["--rounds", "2", "--set", "model=tiny", "--set", "max-rank=16", "--s
             "--set", "eval-examples=8", "--set", "local-steps=2", "--set", "max-seq-len=48",
             "--set", "clients-per-round=2", "--set", "min-clients=2"]
 DATA_ROWS = 40  # per node
+# federated evaluation in the two main runs: node-1 holds out its own share (client start
+# --eval-fraction), node-2 the run's node-eval-fraction (0.1)
+HELD_OUT = {"node-1": 10, "node-2": 4}
+NODE_EVAL_FRACTION = {"node-1": ["--eval-fraction", 0.25], "node-2": []}
 START_TIMEOUT = 120.0
 RUN_TIMEOUT = 480.0
 SUBMIT_TIMEOUT = 300.0
@@ -204,7 +209,7 @@ def deployment(tmp_path_factory, processes) -> Deployment:
         nodes.append((processes.start(
             ["client", "start", "--coordinator", address, "--ca", ca, "--home", root / name, "--data", data[name],
              "--rank", rank, "--max-rank", 16, "--device", "cpu", "--set", "dp-max-grad-norm=1.0",
-             "--runtime-port", free_port()], node_log), node_log))
+             *NODE_EVAL_FRACTION[name], "--runtime-port", free_port()], node_log), node_log))
     for process, node_log in nodes:
         processes.wait_for(process, node_log, "node connected")
     return Deployment(root=root, address=address, local=local, home=home, ca=ca, db_url=db_url, node_ids=node_ids,
@@ -392,7 +397,7 @@ def runs(deployment, processes, postgres_url) -> dict[str, Submitted]:
         log = deployment.root / f"run-{label}.log"
         process = processes.start(["run", "--coordinator", deployment.local, "--ca", deployment.ca,
                                    "--home", deployment.root / f"cli-{tag}", *RUN_ARGS, "--set", f"run-tag={tag}",
-                                   *extra], log)
+                                   "--set", "fraction-evaluate=1", *extra], log)
         submitted[label] = Submitted(process=process, log=log, tag=tag, db_url=db_url)
     return submitted
 
@@ -413,9 +418,17 @@ def _check_run(submitted: Submitted, deployment: Deployment, capsys, label: str,
             (n, node_id) for n in (1, 2) for node_id in deployment.node_ids.values())
         by_id = {node_id: name for name, node_id in deployment.node_ids.items()}
         assert all(u.rank == RANKS[by_id[u.node_id]] for u in updates)
-        assert {u.num_examples for u in updates} == {DATA_ROWS}  # each node trained on its own data-path
+        # each node trained on its own data-path, less the slice it holds out for federated evaluation
+        assert all(u.num_examples == DATA_ROWS - HELD_OUT[by_id[u.node_id]] for u in updates)
         evals = sorted(e.round_number for e in s.scalars(select(Evaluation).where(Evaluation.run_id == run.id)))
         assert evals == [0, 2]  # eval-every 2: round 0 and the last
+        # federated evaluation (fraction-evaluate 1, eval-every 2: the last round): both nodes on their own slice
+        nodes = s.scalars(select(NodeEvaluation).where(NodeEvaluation.run_id == run.id)).all()
+        assert sorted((n.round_number, by_id[n.node_id], n.status, n.num_examples) for n in nodes) == [
+            (2, name, "ok", HELD_OUT[name]) for name in sorted(HELD_OUT)], [(n.status, n.reason) for n in nodes]
+        (agg,) = s.scalars(select(FederatedEvaluation).where(FederatedEvaluation.run_id == run.id)).all()
+        assert agg.round_number == 2 and agg.nodes == 2 and agg.failed == 0
+        assert abs(agg.loss - sum(n.loss * n.num_examples for n in nodes) / sum(HELD_OUT.values())) < 1e-9
         # the nodes' resident workers loaded the model once, for both runs at once
         assert {u.metrics["base-loads"] for u in updates} == {1}
         assert len({u.metrics["process-id"] for u in updates}) == 2  # one worker per node, every round

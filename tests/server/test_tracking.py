@@ -158,3 +158,37 @@ def test_relative_local_stores_are_made_absolute(tmp_path, monkeypatch):
     assert absolute_uri("file:./mlruns") == f"file://{tmp_path}/mlruns"
     assert absolute_uri("mlruns") == f"{tmp_path}/mlruns"
     assert absolute_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_a_federated_evaluation_logs_its_aggregate_and_spread_and_the_database_keeps_every_node(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from server.federated_eval import NodeEvaluationResult, RoundEvaluation
+
+    def evaluation(number: int, losses: list[float | None]) -> RoundEvaluation:
+        return RoundEvaluation(number=number, nodes=tuple(
+            NodeEvaluationResult(i, f"node-{i}", "ok", loss=loss, perplexity=2.718 ** loss, num_examples=10 * (i + 1),
+                                 tokens=100, seconds=0.1) if loss is not None
+            else NodeEvaluationResult(i, f"node-{i}", "failed", "no evaluation reply before the deadline")
+            for i, loss in enumerate(losses)))
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    engine = open_database(f"sqlite:///{tmp_path}/runs.db")
+    recorder = tracked(RunRecorder(engine), uri)
+    run_id = recorder.start_run(config={}, aggregator="flora", model="tiny", tag="", flwr_run_id=None)
+    recorder.record_federated_evaluation(run_id, evaluation(1, [3.0, 1.0, 2.0]), per_node=True)
+    recorder.record_federated_evaluation(run_id, evaluation(2, [None, None]), per_node=True)  # nobody: no metrics
+    recorder.record_federated_evaluation(run_id, evaluation(3, [2.0, None, 1.0]), per_node=False)
+    client = MlflowClient(tracking_uri=uri)
+    (mlrun,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    rid = mlrun.info.run_id
+    assert _history(client, rid, "federated_eval_loss") == [(1, pytest.approx((30 + 20 + 60) / 60)),
+                                                             (3, pytest.approx((20 + 30) / 40))]
+    assert _history(client, rid, "federated_eval_worst_loss") == [(1, 3.0), (3, 2.0)]
+    assert _history(client, rid, "federated_eval_median_loss") == [(1, 2.0), (3, 1.5)]
+    assert _history(client, rid, "federated_eval_best_loss") == [(1, 1.0), (3, 1.0)]
+    assert _history(client, rid, "federated_eval_nodes") == [(1, 3.0), (3, 2.0)]
+    assert _history(client, rid, "federated_eval_failed") == [(1, 0.0), (3, 1.0)]
+    with Session(engine) as s:  # the database is written as without tracking
+        assert len(read.node_evaluations(s, run_id)) == 5  # rounds 1 and 2 per node; round 3 aggregate only
+        assert [f.round_number for f in read.federated_evaluations(s, run_id)] == [1, 3]

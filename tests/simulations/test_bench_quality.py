@@ -5,6 +5,7 @@ each run's rows checked in the database.
 """
 
 import csv
+import json
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 import aggregation
 from server.db.models import ClientUpdateRecord, RoundRecord, Run
 from server.db.session import open_database
-from simulations.bench_quality import QUICK, main, references
+from simulations.bench_quality import QUICK, eval_rounds, main, references
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +24,16 @@ pytestmark = pytest.mark.integration
 def test_quick_quality_benchmark_has_a_finite_row_per_aggregator(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "quality.csv", newline="") as fh:
-        rows = {row[0]: row for row in list(csv.reader(fh))[1:]}
+        rows = {row[1]: row for row in list(csv.reader(fh))[1:]}
     assert set(aggregation.names()) <= set(rows)
     assert "centralised LoRA (ceiling)" in rows and "base model (floor)" in rows
     for name, row in rows.items():
-        assert math.isfinite(float(row[1])), name
-        curve = [float(x) for x in row[-1].split(" → ")]  # one eval per round, 0 included
-        assert len(curve) == QUICK["rounds"] + 1 and curve[-1] == pytest.approx(float(row[1]), abs=0.05), name
+        assert math.isfinite(float(row[3])), name  # one seed: the mean alone
+        assert row[-1].count("r") == len(eval_rounds(QUICK)), name  # every evaluated round, 0 included
+    for name in aggregation.names():  # each ran at its own recommendation, recorded in the run's config
+        assert float(rows[name][2]) == pytest.approx(aggregation.recommended(name).learning_rate), name
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "quality.json").read_text())["seeds"] == [0]
 
     with Session(open_database(f"sqlite:///{tmp_path / 'quality.db'}")) as s:
         for run in s.scalars(select(Run)):
@@ -44,8 +47,15 @@ def test_quick_quality_benchmark_has_a_finite_row_per_aggregator(tmp_path):
 
 def test_references_do_not_depend_on_what_ran_before():
     # the ceiling's adapter is drawn from the seeded RNG, whatever consumed it earlier
-    first, floor = references(QUICK, seed=5)
+    first, floor = references(QUICK, seed=5, ranks="2,4,8")
     torch.rand(1000)
-    second, floor_again = references(QUICK, seed=5)
-    assert first.curve == second.curve
-    assert floor.final_ppl == floor_again.final_ppl
+    second, floor_again = references(QUICK, seed=5, ranks="2,4,8")
+    assert first.points == second.points
+    assert floor.points == floor_again.points
+    assert [r for r, _ in first.points] == eval_rounds(QUICK)
+
+
+def test_eval_rounds_follow_eval_every():
+    from dataclasses import replace
+
+    assert eval_rounds(replace(QUICK, rounds=5, eval_every=2)) == [0, 2, 4, 5]

@@ -14,12 +14,17 @@ A stored factor whose shape no longer fits (the node's rank changed) is dropped 
 warning and the factor starts from PEFT's init again. Stored bytes never go into the
 reply: only ``uplink`` is exported.
 
-Evaluation. The server never sees B, so it cannot evaluate a client's model; the node
-evaluates its just-trained personalised adapter itself, on a held-out slice of its own
-examples (``core.data.split_heldout`` with the run's ``eval-fraction`` and seed), which it
-then does not train on, and reports ``personal-eval-loss`` / ``personal-eval-ppl`` /
-``personal-eval-examples``. Under DP-SGD the round's privacy plan was made for all of the
-node's examples, so it trains on all of them and reports no held-out loss.
+Evaluation. The server never sees B, so it can evaluate neither a client's model nor send
+one out for federated evaluation (whose global adapter has no B); the node evaluates its
+just-trained personalised adapter itself, every round it trains, and reports
+``personal-eval-loss`` / ``personal-eval-ppl`` / ``personal-eval-examples``, on:
+
+* the held-out slice of federated evaluation when the run has one (``fraction-evaluate`` > 0,
+  ``client.node.node_split``: never trained on; a release on private data under DP-SGD, as
+  federated evaluation is);
+* else, without DP-SGD, a slice of its training examples (``node-eval-fraction``, the node's
+  own value first, ``core.data.split_heldout``) that it then does not train on;
+* else nothing: the DP-SGD plan was made for all of the node's examples, so it trains on all.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from logging import WARNING
 from flwr.app import ConfigRecord, Context
 from flwr.common import log
 
+from client.node import NODE_EVAL_FRACTION, node_split
 from core.config import RunConfig
 from core.data import Example, split_heldout
 from core.model import AdaptedModel
@@ -64,9 +70,13 @@ class PersonalRound:
         held = _held(context, store)
         if held is not None:
             _restore(adapted, held, factors)
+        _, federated = node_split(context, cfg)  # federated evaluation's slice: ``examples`` excludes it
+        if federated:
+            return PersonalRound(factors=factors, store=store, train_examples=examples, heldout=federated)
         if private or len(examples) < 2:
             return PersonalRound(factors=factors, store=store, train_examples=examples, heldout=[])
-        train_part, heldout = split_heldout(examples, cfg.eval_fraction, cfg.seed)
+        fraction = float(context.node_config.get(NODE_EVAL_FRACTION, cfg.node_eval_fraction))
+        train_part, heldout = split_heldout(examples, fraction, cfg.seed)
         return PersonalRound(factors=factors, store=store, train_examples=train_part, heldout=heldout)
 
     def finish(self, *, context: Context, adapted: AdaptedModel, tokenizer, max_len: int,

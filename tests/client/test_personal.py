@@ -135,3 +135,15 @@ def test_under_dp_sgd_the_node_trains_on_all_its_examples_and_reports_no_heldout
     cfg = RunConfig.from_flower(run_config)
     assert metrics["num-examples"] == len(client_app.local_examples(context, cfg))
     assert PersonalStore(directory=store_dir, run_key="tag0", node="partition-0").load() is not None
+
+
+def test_with_federated_evaluation_the_node_scores_its_adapter_on_that_held_out_slice(tmp_path, store_dir):
+    from client.node import node_split
+
+    run_config, strategy = _setup(tmp_path, fraction_evaluate=1.0)
+    context = Context(run_id=1, node_id=NODE, node_config=PARTITION, state=RecordDict(), run_config=run_config)
+    reply = _round(strategy, context, 1)
+    train_part, heldout = node_split(context, RunConfig.from_flower(run_config))
+    metrics = reply.content["metrics"]
+    # one held-out slice per node, the one federated evaluation uses: not carved twice
+    assert metrics["num-examples"] == len(train_part) and metrics["personal-eval-examples"] == len(heldout) > 0

@@ -68,6 +68,30 @@ def _fleet_call_ms(address: str, ca: Path, body: bytes, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def start_nodes(root: Path, label: str, coordinator: str, ca: Path, home: Path, extra: tuple = ()) -> list:
+    """Two nodes through the CLI (keygen, register, demo data, client start), connected: [(process, log)]."""
+    from cli.local_superlink import free_port
+
+    started = []
+    for i in range(2):
+        name, node_home = f"{label}-{i}", root / f"{label}-{i}"
+        for args in (["client", "keygen", "--home", node_home],
+                     ["coordinator", "register", "--name", name, "--public-key", node_home / "node.pub",
+                      "--home", home],
+                     ["client", "demo-data", "--out", root / f"{name}.jsonl", "--partition-id", i,
+                      "--num-partitions", 2]):
+            step = _fedlora(args, root / f"{name}-setup.log")
+            if step.wait(timeout=180) != 0:
+                raise RuntimeError((root / f"{name}-setup.log").read_text()[-2000:])
+        node = _fedlora(["client", "start", "--coordinator", coordinator, "--ca", ca, "--home", node_home,
+                         "--data", root / f"{name}.jsonl", "--rank", 4, "--max-rank", 16, "--device", "cpu",
+                         "--runtime-port", free_port(), *extra], root / f"{name}.log")
+        started.append((node, root / f"{name}.log"))
+    for node, log in started:
+        _wait_for(node, log, "node connected")
+    return started
+
+
 def deployment_latency(workdir: Path, quick: bool) -> dict:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
@@ -88,24 +112,8 @@ def deployment_latency(workdir: Path, quick: bool) -> dict:
     try:
         _wait_for(started[0], root / "coordinator.log", "fedlora coordinator ready")
         for label, address in (("through_front", public), ("direct", local)):
-            nodes = []
-            for i in range(2):
-                name, node_home = f"{label}-{i}", root / f"{label}-{i}"
-                for args in (["client", "keygen", "--home", node_home],
-                             ["coordinator", "register", "--name", name, "--public-key", node_home / "node.pub",
-                              "--home", home],
-                             ["client", "demo-data", "--out", root / f"{name}.jsonl", "--partition-id", i,
-                              "--num-partitions", 2]):
-                    step = _fedlora(args, root / f"{name}-setup.log")
-                    if step.wait(timeout=180) != 0:
-                        raise RuntimeError((root / f"{name}-setup.log").read_text()[-2000:])
-                node = _fedlora(["client", "start", "--coordinator", address, "--ca", ca, "--home", node_home,
-                                 "--data", root / f"{name}.jsonl", "--rank", 4, "--max-rank", 16, "--device", "cpu",
-                                 "--runtime-port", free_port()], root / f"{name}.log")
-                started.append(node)
-                nodes.append((node, root / f"{name}.log"))
-            for node, log in nodes:
-                _wait_for(node, log, "node connected")
+            nodes = start_nodes(root, label, address, ca, home)
+            started.extend(node for node, _ in nodes)
             tag = f"bench-{label}-{os.getpid()}"
             submitted = _fedlora(["run", "--coordinator", local, "--ca", ca, "--home", root / f"cli-{label}",
                                   "--rounds", rounds, *DEPLOY_RUN, "--set", f"run-tag={tag}"],

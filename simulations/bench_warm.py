@@ -26,7 +26,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from simulations.bench_deploy import DEPLOY_RUN, _fedlora, _stop, _wait_for
+from simulations.bench_deploy import DEPLOY_RUN, _fedlora, _stop, _wait_for, start_nodes
 
 MODELS = ("tiny", "smollm2")
 
@@ -116,30 +116,6 @@ def print_simulation(result: dict) -> None:
           "blocking")
 
 
-def _nodes(root: Path, label: str, coordinator: str, ca: Path, home: Path, worker: bool) -> list:
-    from cli.local_superlink import free_port
-
-    started = []
-    for i in range(2):
-        name, node_home = f"{label}-{i}", root / f"{label}-{i}"
-        for args in (["client", "keygen", "--home", node_home],
-                     ["coordinator", "register", "--name", name, "--public-key", node_home / "node.pub",
-                      "--home", home],
-                     ["client", "demo-data", "--out", root / f"{name}.jsonl", "--partition-id", i,
-                      "--num-partitions", 2]):
-            step = _fedlora(args, root / f"{name}-setup.log")
-            if step.wait(timeout=180) != 0:
-                raise RuntimeError((root / f"{name}-setup.log").read_text()[-2000:])
-        extra = [] if worker else ["--no-worker"]
-        node = _fedlora(["client", "start", "--coordinator", coordinator, "--ca", ca, "--home", node_home,
-                         "--data", root / f"{name}.jsonl", "--rank", 4, "--max-rank", 16, "--device", "cpu",
-                         "--runtime-port", free_port(), *extra], root / f"{name}.log")
-        started.append((node, root / f"{name}.log"))
-    for node, log in started:
-        _wait_for(node, log, "node connected")
-    return started
-
-
 def warm_deployment(workdir: Path, quick: bool) -> dict:
     from cli.local_superlink import free_port
 
@@ -159,7 +135,7 @@ def warm_deployment(workdir: Path, quick: bool) -> dict:
             out[model] = {}
             for path, worker in (("worker", True), ("cold", False)):
                 label = f"{model}-{path}"
-                nodes = _nodes(root, label, public, ca, home, worker)
+                nodes = start_nodes(root, label, public, ca, home, () if worker else ("--no-worker",))
                 tag = f"warm-{label}-{os.getpid()}"
                 try:
                     submitted = _fedlora(["run", "--coordinator", local, "--ca", ca, "--home", root / f"cli-{label}",

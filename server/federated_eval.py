@@ -61,7 +61,8 @@ class RoundEvaluation:
     @property
     def perplexity(self) -> float | None:
         loss = self.loss
-        return None if loss is None else math.exp(loss)
+        # capped as the node caps its own (core.trainer.evaluate): a node's loss of 1000 must not raise here
+        return None if loss is None else math.exp(min(loss, 50.0))
 
     def spread(self) -> dict[str, float]:
         """The worst, median and best node's loss (empty when no node evaluated)."""
@@ -108,8 +109,8 @@ def read_evaluation(reply: Message, *, key: str, bytes_down: int) -> NodeEvaluat
             return NodeEvaluationResult(node, key, str(status["status"]), str(status["reason"]) or None,
                                         bytes_down=bytes_down, merged_through=merged)
         loss = float(metrics["eval-loss"])
-        if not math.isfinite(loss):
-            raise ValueError(f"eval-loss {loss} is not finite")
+        if not math.isfinite(loss) or loss < 0:  # a cross-entropy: finite and never below 0
+            raise ValueError(f"eval-loss {loss} is not a finite loss >= 0")
         examples = int(metrics["num-examples"])
         if examples < 1:  # it weighs the aggregate: zero would divide by zero, a negative flip it
             raise ValueError(f"num-examples {examples} is not a positive count")

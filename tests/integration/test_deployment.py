@@ -469,11 +469,16 @@ def test_a_worker_killed_mid_round_fails_that_node_only_and_the_next_round_has_b
     while node_log.read_text(errors="replace").count("Received successfully") < seen + 2:
         assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
         time.sleep(0.2)
-    time.sleep(1.0)
     starters = [p for p in psutil.process_iter(["cmdline"]) if "start" in (p.info["cmdline"] or [])
                 and str(deployment.root / "node-1") in " ".join(p.info["cmdline"] or [])]
     workers = [c for s in starters for c in s.children() if "client.worker" in " ".join(c.cmdline())]
     assert len(workers) == 1, (starters, workers)
+    # the SuperNode logs the message's receipt before it starts the ClientApp that hands it to the
+    # worker (seconds on a busy machine): kill once the worker is at work on it, its CPU time growing
+    idle = sum(workers[0].cpu_times()[:2])
+    while sum(workers[0].cpu_times()[:2]) - idle < 0.3:
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
     workers[0].kill()
     code, out = Processes.finish(process, log, RUN_TIMEOUT)
     assert code == 3, out  # done, with a failed client named: exit 3

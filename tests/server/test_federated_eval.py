@@ -119,7 +119,9 @@ def test_a_node_that_never_answers_is_failed_with_the_reason_and_the_others_coun
 @pytest.mark.parametrize("metrics, needle", [
     ({"eval-perplexity": 2.0, "eval-tokens": 9, "num-examples": 3, "eval-seconds": 1.0}, "'eval-loss'"),
     ({"eval-loss": float("nan"), "eval-perplexity": 2.0, "eval-tokens": 9, "num-examples": 3, "eval-seconds": 1.0},
-     "not finite"),
+     "not a finite loss"),
+    ({"eval-loss": -0.5, "eval-perplexity": 0.6, "eval-tokens": 9, "num-examples": 3, "eval-seconds": 1.0},
+     "eval-loss -0.5"),
     ({"eval-loss": 1.0, "eval-perplexity": 2.0, "eval-tokens": 9, "num-examples": 0, "eval-seconds": 1.0},
      "num-examples 0"),
     ({"eval-loss": 1.0, "eval-perplexity": 2.0, "eval-tokens": 9, "eval-seconds": 1.0}, "'num-examples'"),
@@ -163,6 +165,14 @@ def test_the_aggregate_is_the_example_weighted_mean_and_the_spread_the_nodes_own
     assert evaluation.spread() == {"worst": max(losses), "median": statistics.median(losses), "best": min(losses)}
     assert min(losses) <= evaluation.loss * (1 + 1e-12) and evaluation.loss <= max(losses) * (1 + 1e-12)
     assert len(evaluation.ok) == len(rows) and len(evaluation.nodes) == len(rows) + failed
+
+
+def test_a_huge_loss_counts_and_its_perplexity_is_capped_as_the_nodes_own_is():
+    asked = _asked({11: 2, 12: 2})
+    huge = {"eval-loss": 1000.0, "eval-perplexity": math.exp(50), "eval-tokens": 9, "num-examples": 1,
+            "eval-seconds": 1.0}
+    evaluation = _collect(asked, [_status(asked[11], "ok", "", **huge), _ok(asked[12], loss=1.0, examples=1)])
+    assert evaluation.loss == 500.5 and evaluation.perplexity == math.exp(50.0)  # no OverflowError mid-run
 
 
 def test_a_small_node_the_global_adapter_fails_is_the_worst_although_the_aggregate_looks_fine():

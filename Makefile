@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedlora simulate $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=40 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .flwr runs .cache

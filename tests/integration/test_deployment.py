@@ -450,8 +450,6 @@ def test_enrolled_nodes_complete_a_run_logged_to_postgresql(deployment, runs, ca
     _check_run(runs["PostgreSQL"], deployment, capsys, "PostgreSQL", len(runs))
 
 
-@pytest.mark.xfail(strict=False, reason="failed once in a fresh clone on a machine at load 15 and was not yet "
-                   "diagnosed; the same kill/restart path is covered by tests/cli/test_node_worker.py")
 def test_a_worker_killed_mid_round_fails_that_node_only_and_the_next_round_has_both(deployment, runs, processes):
     import psutil
 

@@ -105,10 +105,13 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
         per_round = s.execute(select(ClientUpdateRecord.round_number, func.count())
                               .group_by(ClientUpdateRecord.round_number)).all()
         assert sorted(per_round) == [(1, 2), (2, 2), (3, 2), (4, 2)]  # the killed round left no rows, none twice
-        assert sorted(e.round_number for e in s.scalars(select(Evaluation))) == [0, 1, 2, 3, 4]
+        resumed_evals = sorted(e.round_number for e in s.scalars(select(Evaluation)))
 
     with Session(open_database(clean_db)) as s:
         clean_id = s.scalars(select(Run)).one().id
+        clean_evals = sorted(e.round_number for e in s.scalars(select(Evaluation)))
+    # the same evaluation schedule (round 0, every eval-every-th round, the last), none twice
+    assert resumed_evals == clean_evals and clean_evals[0] == 0 and clean_evals[-1] == 4, (resumed_evals, clean_evals)
     clean, resumed = _final_checkpoint(clean_db, clean_id), _final_checkpoint(db, run_id)
     assert clean.round == resumed.round == 4
     assert [r for r, _ in clean.merge_log] == [r for r, _ in resumed.merge_log] == [1, 2, 3, 4]

@@ -167,8 +167,12 @@ def handle(msg: Message, context: Context) -> Message:
         return status_reply(msg, status="failed", reason=str(exc), metrics={})
     cfg = parse_run_config(context.run_config)
     request = SketchRequest.from_record(msg.content["config"])
-    examples = node.local_examples(context, cfg)
-    chosen = calibration_examples(examples, request.examples,
+    examples = node.local_examples(context, cfg)  # the ledger's dataset: the node's whole data
+    try:  # the init never reads federated evaluation's held-out slice, as training never does
+        trainable, _ = node.node_split(context, cfg)
+    except ValueError as exc:
+        return status_reply(msg, status="failed", reason=str(exc), metrics={})
+    chosen = calibration_examples(trainable, request.examples,
                                   seed=node.stable_seed(cfg.seed, "lora-sb", node.node_key(context)))
     base = node.cached_base(cfg.model)
     model = copy.deepcopy(base.model).to(device())

@@ -88,7 +88,11 @@ def node_split(context: Context, cfg: RunConfig) -> tuple[list[Example], list[Ex
     if len(examples) < 2:
         raise ValueError(f"node {node_key(context)} has {len(examples)} example(s): too few to hold one out "
                          "for federated evaluation")
-    return split_heldout(examples, fraction, cfg.seed)
+    train, heldout = split_heldout(examples, fraction, cfg.seed)
+    if not train:
+        raise ValueError(f"node {node_key(context)}: all {len(examples)} examples are copies of one, so holding "
+                         "one out for federated evaluation leaves none to train on")
+    return train, heldout
 
 
 def known_merges(msg: Message, context: Context) -> dict[int, dict]:

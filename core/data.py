@@ -155,11 +155,25 @@ def _stable_key(ex: Example, seed: int) -> int:
 def split_heldout(
     examples: Sequence[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/held-out split by content hash (same on every process)."""
+    """Deterministic train/held-out split by content hash (same on every process).
+
+    Identical examples hash alike and so sit next to each other in the order; the cut is
+    moved past the end of the group it would fall in, so no copy of a held-out example is
+    trained on (chatterbot repeats about half its rows, one of them 121 times). The cut
+    moves to the nearer end of that group, keeping at least one example held out; the
+    held-out part is ``round(len * fraction)`` unless copies straddle that point.
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"eval fraction must be in (0, 1), got {fraction}")
-    ordered = sorted(examples, key=lambda ex: _stable_key(ex, seed))
-    n_held = max(1, round(len(ordered) * fraction))
+    keys = sorted((_stable_key(ex, seed), i) for i, ex in enumerate(examples))
+    ordered = [examples[i] for _, i in keys]
+    target = max(1, round(len(ordered) * fraction))
+    start = end = target  # the group straddling the cut is ordered[start:end]
+    while start > 0 and start < len(keys) and keys[start][0] == keys[start - 1][0]:
+        start -= 1
+    while 0 < end < len(keys) and keys[end][0] == keys[end - 1][0]:
+        end += 1
+    n_held = start if start >= 1 and (target - start <= end - target or end == len(keys)) else end
     return ordered[n_held:], ordered[:n_held]
 
 

@@ -170,8 +170,13 @@ class RunRecorder:
                                    bytes_up=bytes_up, details=details, created_at=utcnow()))
 
     def record_federated_evaluation(self, run_id: int, evaluation: RoundEvaluation, *, per_node: bool) -> None:
-        """The round's aggregate and spread, and (``per_node``) every node's row: one transaction."""
+        """The round's aggregate and spread, and (``per_node``) every node's row: one transaction.
+
+        A round evaluated again (a resumed run redoing it) replaces its earlier rows, never adds to them.
+        """
         with Session(self.engine) as session, session.begin():
+            for table in (NodeEvaluation, FederatedEvaluation):
+                session.execute(delete(table).where(table.run_id == run_id, table.round_number == evaluation.number))
             if per_node:
                 for n in evaluation.nodes:
                     session.add(NodeEvaluation(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -159,12 +160,12 @@ def test_held_out_and_training_examples_are_disjoint_and_together_the_nodes_data
     data = local_examples(context, cfg)
     assert not _ids(train) & _ids(heldout) and _ids(train) | _ids(heldout) == _ids(data)
     fraction = node_config.get("node-eval-fraction", 0.2)  # the node's own share overrides the run's
-    assert len(heldout) == max(1, round(len(data) * fraction))
+    # round(len * fraction), moved to the nearer end of a group of copies the cut would split
+    target = max(1, round(len(data) * fraction))
+    assert abs(len(heldout) - target) <= max(Counter(data).values()) / 2
     assert (train, heldout) == node_split(_context(run_config, node_config), cfg)  # deterministic
 
 
-@pytest.mark.xfail(strict=True, reason="core.data.split_heldout cuts through a group of identical examples: "
-                   "one copy is held out, another trained on (chatterbot holds 2361 rows, 1229 distinct)")
 def test_no_held_out_example_is_also_trained_on_by_content(tmp_path):
     run_config = _run_config(tmp_path, node_eval_fraction=0.2)
     cfg = RunConfig.from_flower(run_config)

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 
@@ -14,6 +15,26 @@ def test_heldout_split_is_disjoint_and_stable():
     train, held = split_heldout(ex, 0.1, seed=0)
     assert len(held) == 10 and not set(train) & set(held)
     assert (train, held) == split_heldout(list(reversed(ex)), 0.1, seed=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_heldout_cut_never_splits_copies_of_one_example(seed):
+    # 22 examples three times each: round(66 * 0.2) = 13 falls inside a group, between the
+    # boundaries at 12 and 15; the cut moves to the nearer one
+    ex = [e for e in _examples(22) for _ in range(3)]
+    train, held = split_heldout(ex, 0.2, seed=seed)
+    assert not set(train) & set(held) and len(train) + len(held) == 66
+    assert len(held) == 12
+    assert len(split_heldout(_examples(66), 0.2, seed=seed)[1]) == 13  # no copies: the plain cut
+
+
+def test_heldout_of_real_data_shares_no_content_with_training():
+    ex = load_examples("chatterbot")
+    assert len(set(ex)) < len(ex)  # the packaged data does repeat rows
+    train, held = split_heldout(ex, 0.1, seed=0)
+    assert not set(train) & set(held) and len(train) + len(held) == len(ex)
+    most_copies = max(Counter(ex).values())
+    assert abs(len(held) - round(len(ex) * 0.1)) <= most_copies / 2
 
 
 def test_jsonl_loading_and_errors(tmp_path):

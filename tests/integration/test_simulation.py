@@ -66,7 +66,10 @@ def test_federated_evaluation_without_server_data_records_every_node(tmp_path):
         updates = s.scalars(select(ClientUpdateRecord)).all()
         for n in nodes:
             (u,) = [u for u in updates if u.round_number == n.round_number and u.node_id == n.node_id]
-            assert n.num_examples == max(1, round((n.num_examples + u.num_examples) * 0.2))
+            # 0.2 of the partition, the cut moved to the nearer end of a group of copies it would split
+            # (tests/core/test_data.py checks the exact rule; chatterbot repeats one row 121 times)
+            expected = max(1, round((n.num_examples + u.num_examples) * 0.2))
+            assert abs(n.num_examples - expected) <= 121 / 2, (n.num_examples, u.num_examples)
 
 
 # Every other aggregator runs end to end in tests/simulations/test_bench_quality.py

@@ -100,3 +100,17 @@ def test_the_html_marks_the_worst_and_best_node_per_round_and_lists_failures_esc
 
 def test_a_run_without_federated_evaluation_has_no_federated_section(tmp_path):
     assert federated_html([], []) == ""
+
+
+def test_a_round_evaluated_again_replaces_its_rows(tmp_path):
+    # a resumed run that redoes a round records its federated evaluation again: one set of rows
+    db = f"sqlite:///{tmp_path}/r.db"
+    run_id = federated_run(db)
+    again = tuple(NodeEvaluationResult(200 + i, key, "ok", loss=1.0, perplexity=2.718, num_examples=10,
+                                       tokens=100, seconds=0.1) for i, key in enumerate(("hospital-a", "hospital-b")))
+    RunRecorder(open_database(db)).record_federated_evaluation(run_id, RoundEvaluation(number=2, nodes=again),
+                                                                per_node=True)
+    rounds, nodes = _load(db, run_id)
+    assert [r.round for r in rounds] == [1, 2] and rounds[1].nodes == 2 and rounds[1].loss == pytest.approx(1.0)
+    assert sorted(n.node for n in nodes if n.round == 2) == ["hospital-a", "hospital-b"]
+    assert len([n for n in nodes if n.round == 1]) == 3  # the other round is untouched

@@ -76,7 +76,7 @@ def _reference(cfg: RunConfig, contexts: dict[int, Context], nodes=NODES) -> dic
     for n in nodes:
         ctx = contexts[n]
         chosen = lora_sb.calibration_examples(
-            handlers.local_examples(ctx, cfg), cfg.calibration_batches * cfg.batch_size,
+            handlers.node_split(ctx, cfg)[0], cfg.calibration_batches * cfg.batch_size,
             seed=handlers.stable_seed(cfg.seed, "lora-sb", handlers.node_key(ctx)))
         for name, g in dense_gradients(base.model, base.tokenizer, chosen, targets=cfg.targets,
                                        batch_size=cfg.batch_size, max_len=cfg.max_seq_len).items():
@@ -114,6 +114,24 @@ def test_federated_init_is_the_best_rank_r_approximation_of_the_summed_step_and_
     assert [n["status"] for n in row.details["nodes"]] == ["ok", "ok"]
     assert row.bytes_up == sum(n["bytes_up"] for n in row.details["nodes"]) > 0
     assert row.details["examples"] == 2 * cfg.calibration_batches * cfg.batch_size
+
+
+def test_the_init_never_reads_a_nodes_federated_evaluation_slice(tmp_path, monkeypatch):
+    # with federated evaluation on, the sketch is of training examples only, as training is
+    cfg = _cfg(tmp_path, fraction_evaluate=1.0, node_eval_fraction=0.5, calibration_batches=50)
+    contexts = _contexts(cfg)
+    seen: list = []
+    real = lora_sb.node_sketches
+    monkeypatch.setattr(lora_sb, "node_sketches", lambda model, tok, chosen, *a, **k: (
+        seen.append(list(chosen)), real(model, tok, chosen, *a, **k))[1])
+    recorder = RunRecorder(open_database(f"sqlite:///{tmp_path}/runs.db"))
+    run_id = recorder.start_run(config=cfg.to_flower(), aggregator="fed-sb", model="tiny", tag="", flwr_run_id=None)
+    build_strategy(cfg, recorder, run_id, grid=_grid(contexts))
+    assert len(seen) == len(NODES)
+    for chosen, ctx in zip(seen, contexts.values()):
+        train, heldout = handlers.node_split(ctx, cfg)
+        assert heldout and not set(chosen) & set(heldout)
+        assert len(chosen) == min(len(train), cfg.calibration_batches * cfg.batch_size)
 
 
 def _ledger(cfg: RunConfig, ctx: Context) -> PrivacyLedger:

@@ -102,6 +102,9 @@ class RunConfig:
                                         "held-out examples", path=True)
     calibration_batches: int = setting(4, "fed-sb: batches of batch-size examples for the LoRA-SB init "
                                           "(per node with sb-init=federated)")
+    sb_init_lr: float = setting(0.0, "fed-sb: step size of the LoRA-SB init's approximated first step, "
+                                     "dW = -sb-init-lr * sign(sum of gradients) (0: the run's learning-rate, "
+                                     "as in LoRA-SB; recorded as the number used)")
     sb_init_oversample: int = setting(10, "fed-sb federated init: sketch oversampling p (range sketch "
                                           "max-rank+p columns, co-range sketch max-rank+2p rows)")
     sb_init_dp_share: float = setting(0.25, "fed-sb federated init: share of a DP node's remaining ε target its "
@@ -164,6 +167,10 @@ class RunConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"learning-rate must be > 0 (0: the aggregator's recommendation), "
                              f"got {self.learning_rate}")
+        if self.sb_init_lr == 0:  # the init's step is tuned apart from training's (simulations/tune.py)
+            object.__setattr__(self, "sb_init_lr", self.learning_rate)
+        if not self.sb_init_lr > 0:
+            raise ValueError(f"sb-init-lr must be > 0 (0: the run's learning-rate), got {self.sb_init_lr}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if not self.round_timeout > 0:

@@ -113,6 +113,6 @@ def server_public_init(cfg: RunConfig, base, split: PublicSplit) -> Tensors:
     """The run's LoRA-SB init from the calibration part of ``split``."""
     return lora_sb_calibration(
         copy.deepcopy(base.model), base.tokenizer, split.calibration, targets=cfg.targets, rank=cfg.max_rank,
-        learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, max_len=cfg.max_seq_len,
+        learning_rate=cfg.sb_init_lr, batch_size=cfg.batch_size, max_len=cfg.max_seq_len,
         threads=cfg.server_threads,
     )

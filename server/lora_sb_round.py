@@ -136,7 +136,7 @@ def federated(request: InitRequest) -> InitResult:
         for name, s in sorted(spec.modules.items()):
             _, psi = sketch_matrices(spec.seed, name, s, rank=spec.max_rank, oversample=cfg.sb_init_oversample)
             initial[name] = init_from_sketches(total[name]["Y"], total[name]["W"], psi, s, rank=spec.max_rank,
-                                               learning_rate=cfg.learning_rate)
+                                               learning_rate=cfg.sb_init_lr)
     nodes = [{"node": key, "status": o.status, "reason": o.reason, "examples": o.num_examples,
               "bytes_down": o.bytes_down, "bytes_up": o.bytes_up, "metrics": o.metrics} for key, o in outcomes]
     return InitResult(kind="federated", initial=initial, bytes_down=sum(o.bytes_down for _, o in outcomes),

@@ -18,6 +18,7 @@ def test_defaults_are_valid_and_round_trip_through_flower_keys():
         ({"partition": "zipf"}, "'zipf'"),
         ({"num_server_rounds": 0}, "num-server-rounds"),
         ({"learning_rate": -1.0}, "-1.0"),
+        ({"sb_init_lr": -0.5}, "sb-init-lr must be > 0"),
         ({"min_clients": 5, "clients_per_round": 2}, "min-clients (5)"),
     ],
 )
@@ -51,6 +52,14 @@ def test_unset_learning_rate_is_the_methods_recommendation_and_is_recorded():
         assert cfg.learning_rate == aggregation.recommended(name).learning_rate
         assert cfg.to_flower()["learning-rate"] == cfg.learning_rate  # the run's record holds the number
     assert RunConfig(aggregator="fed-sb", learning_rate=0.5).learning_rate == 0.5  # explicit wins
+
+
+def test_fed_sb_init_step_is_the_run_lr_unless_set_and_is_recorded():
+    cfg = RunConfig(aggregator="fed-sb", learning_rate=0.01)
+    assert cfg.sb_init_lr == 0.01 and cfg.to_flower()["sb-init-lr"] == 0.01
+    tuned = RunConfig(aggregator="fed-sb", learning_rate=0.01, sb_init_lr=0.001)
+    assert (tuned.learning_rate, tuned.sb_init_lr) == (0.01, 0.001)
+    assert RunConfig.from_flower(tuned.to_flower()) == tuned  # the record reads back as the same run
 
 
 def test_a_class_without_its_own_recommendation_gets_the_documented_default():

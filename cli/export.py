@@ -11,8 +11,6 @@ from pathlib import Path
 
 from cli.console import console
 from core.config import default_db_url
-from server.export import export_run
-from server.personal_export import export_personal
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.export import export_run  # torch, transformers and PEFT: only for this command
+    from server.personal_export import export_personal
+
     if args.node is not None:
         if args.rank is not None or args.merged:
             raise ValueError("--node exports one node's adapter exactly; --rank and --merged do not apply")

@@ -22,7 +22,6 @@ from cli.local_superlink import LocalSuperLink, terminate_tree
 from cli.progress import central_plan, follow, mark_interrupted, summarize
 from core.config import RunConfig, default_db_url
 from core.data import load_examples, partition, split_heldout
-from core.presets import load_base
 from privacy.settings import parse_run_config
 from server.db.session import masked, open_database
 from server.tracking import MlflowSink, absolute_uri
@@ -82,6 +81,7 @@ def federation(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
 def preflight(cfg: RunConfig, num_clients: int) -> Engine:
     """Fail before any training: database, data, partitioning, model, the aggregator's fit."""
+    from core.presets import load_base  # torch and transformers: only when a run is checked
     from server.app import make_aggregator, model_spec
 
     engine = open_database(cfg.database_url)

@@ -22,11 +22,14 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from core.partition import parse_partition, partition  # noqa: F401 (re-exported: callers import them from here)
+
+if TYPE_CHECKING:  # torch is imported where a batch is built: the CLI reads configs without it (~2 s)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,8 @@ def _ids(out) -> list[int]:
 def collate(
     examples: Sequence[Example], tokenizer, max_len: int
 ) -> dict[str, torch.Tensor]:
+    import torch
+
     encoded = [encode(ex, tokenizer, max_len) for ex in examples]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id

@@ -33,7 +33,6 @@ from core.config import RunConfig
 from privacy.accounting import CentralAccount, check_accountant
 from privacy.budget import check_policy
 from privacy.central import check_central_dp
-from privacy.opacus_support import check_grad_sample_mode
 
 DEFAULT_DELTA = 1e-5
 
@@ -66,6 +65,8 @@ class DPSettings:
             raise ValueError(f"dp-max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
         check_accountant(self.accountant)
         check_policy(self.on_budget)
+        from privacy.opacus_support import check_grad_sample_mode  # torch: not for every CLI start (~2 s)
+
         check_grad_sample_mode(self.grad_sample_mode)
 
     @property

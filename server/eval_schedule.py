@@ -15,11 +15,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from aggregation import Tensors
-from server.evaluate import TimedEval
+from typing import TYPE_CHECKING
 
-Evaluate = Callable[[Sequence[tuple[int, Tensors]], Tensors], TimedEval]
-Record = Callable[[int, TimedEval], None]
+from aggregation import Tensors
+
+if TYPE_CHECKING:  # server.evaluate holds the model: torch, transformers and PEFT
+    from server.evaluate import TimedEval
+
+Evaluate = Callable[[Sequence[tuple[int, Tensors]], Tensors], "TimedEval"]
+Record = Callable[[int, "TimedEval"], None]
 
 
 def due(number: int, *, every: int, last: int) -> bool:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -39,9 +39,11 @@ from server.db.models import (
 )
 from server.eval_schedule import Evaluate, EvaluationSchedule, due
 from server.federated_eval import RoundEvaluation
-from server.evaluate import TimedEval
 from server.rounds import RoundReport, utcnow
 from server.strategy import LoraStrategy
+
+if TYPE_CHECKING:  # server.evaluate holds the model (torch, PEFT); the CLI reads the log without it
+    from server.evaluate import TimedEval
 
 
 @dataclass(frozen=True)

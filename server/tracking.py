@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from flwr.common import log
@@ -35,10 +35,12 @@ from sqlalchemy.orm import Session
 
 from server.db.models import CheckpointRecord, Run
 from server.db.session import masked
-from server.evaluate import TimedEval
 from server.federated_eval import RoundEvaluation
 from server.recording import PrunedCheckpoint, RunRecorder
 from server.rounds import RoundReport
+
+if TYPE_CHECKING:  # server.evaluate holds the model (torch, PEFT)
+    from server.evaluate import TimedEval
 
 EXPERIMENT = "fedlora"
 UUID_TAG = "fedlora.run_uuid"

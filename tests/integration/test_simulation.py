@@ -72,5 +72,5 @@ def test_federated_evaluation_without_server_data_records_every_node(tmp_path):
             assert abs(n.num_examples - expected) <= 121 / 2, (n.num_examples, u.num_examples)
 
 
-# Every other aggregator runs end to end in tests/simulations/test_bench_quality.py
-# (the quick quality benchmark), which checks the same rows for each of them.
+# Every aggregator runs end to end through the real ServerApp and ClientApp in
+# tests/server/test_every_aggregator.py (in process), which checks the same rows for each.

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.console import console
-from cli.local_superlink import flower_bin, toml_value
+from cli.local_superlink import flower_bin, stop_process, toml_value
 
 CONNECTION = "fedlora"
 DEFAULT_PORT = 9093  # the coordinator's public port (the front: Fleet API and enrollment)
@@ -209,13 +209,7 @@ class Daemon:
             self.process.terminate()
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process, grace=grace)
         self._finish()
 
     def _finish(self) -> None:

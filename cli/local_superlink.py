@@ -156,6 +156,18 @@ class LocalSuperLink:
         self.stop()
 
 
+def stop_process(process: subprocess.Popen | None, *, grace: float = 10.0) -> None:
+    """SIGTERM one process we started, SIGKILL it after ``grace`` seconds; reaped either way."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 def terminate_tree(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
     """SIGTERM ``process`` and every process under it, then SIGKILL whatever is left.
 

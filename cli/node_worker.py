@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cli.console import console
+from cli.local_superlink import stop_process
 from client.channel import SOCKET_PATH_MAX, ping
 
 READY_TIMEOUT = 120.0  # importing torch, transformers and PEFT on a slow disk
@@ -92,10 +93,4 @@ class WorkerSupervisor:
 
     def stop(self, grace: float = 10.0) -> None:
         self._stopping.set()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process, grace=grace)

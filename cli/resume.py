@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"run {args.run_id} is not in {masked(url)}")
         if row.status == "completed":
             raise ValueError(f"run {args.run_id} is completed; nothing to resume")
+        if row.status == "stopped":  # only a spent central-DP budget stops a run (server.app)
+            raise ValueError(f"run {args.run_id} stopped: {row.error}. Resuming it would stop again before its "
+                             "next round: a resumed run keeps its config, dp-central-epsilon included")
         if row.status == "running" and not args.force:
             raise ValueError(
                 f"run {args.run_id} is marked running (last update {row.updated_at:%Y-%m-%d %H:%M:%S} UTC); "

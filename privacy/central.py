@@ -6,8 +6,11 @@ Models"): each client clips its whole round update to L2 norm ``C`` (on the clie
 the server adds Gaussian noise calibrated to ``C`` and the clients' weights. The unit
 of privacy is a client's entire data set, not one example.
 
-It only works where the aggregate is a weighted *sum* of the uploads: fedavg (A and B
-averaged), ffa-lora (B averaged, A frozen) and fed-sb (R averaged, A and B frozen).
+It only works where the aggregate is a weighted *sum* of the uploads, the methods whose
+classes declare ``WeightedSum`` (``aggregation.weighted_sum_names()``): fedavg (A and B
+averaged), ffa-lora (B averaged, A frozen), fed-sb (R averaged, A and B frozen),
+fedsa-lora (A averaged, B never leaves the node) and fedsvd (its state is the weighted
+mean; the SVD that re-orthonormalises A is post-processing of the noised sum).
 ``CentralDP`` wraps such an ``Aggregator`` and implements the same protocol, the way
 Flower's DP strategy wrappers wrap a strategy. Methods whose aggregate is not a sum
 are refused (``check_central_dp``): FLoRA's aggregate is a concatenation of the

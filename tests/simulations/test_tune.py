@@ -1,6 +1,7 @@
 """The tuning sweep: it never sees the held-out evaluation rows, and its choices are what the classes carry."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,32 @@ def test_every_tuned_method_carries_the_chosen_rate():
         assert "simulations/tuning.json" in aggregation.recommended(name).source, name
 
 
-@pytest.mark.integration
-def test_quick_sweep_writes_the_table_and_picks_the_lowest(tmp_path):
+def test_a_sweep_runs_each_rate_on_the_validation_file_and_picks_the_lowest(tmp_path, monkeypatch):
+    # the runs are bench_quality's run_one (a real simulation each: tests/simulations/
+    # test_bench_quality.py runs it); here each rate's run is recorded and answered with a
+    # made-up curve, so what is checked is what the sweep asks for and what it makes of it
+    import simulations.tune as tune
+    from simulations.quality_stats import Curve
+
+    asked = []
+    ppl = {0.001: 30.0, 0.003: 20.0, 0.05: math.nan}  # 0.05 "failed": never chosen
+
+    def fake_run(name, args, out):
+        lr = float(args[args.index("--lr") + 1])
+        asked.append((name, lr, args[args.index("--data") + 1]))
+        points = ((0, 40.0), (1, ppl[lr])) if math.isfinite(ppl[lr]) else ()
+        return Curve(name=name, points=points, mb_up=1.0, wall_s=1.0, status="completed", lr=lr)
+
+    monkeypatch.setattr(tune, "run_one", fake_run)
     write = tmp_path / "tuning"
-    assert main(["--quick", "--methods", "fedavg", "--grid", "0.001,0.05", "--rounds", "1",
+    assert main(["--quick", "--methods", "fedavg", "--grid", "0.001,0.003,0.05", "--rounds", "1",
                  "--out", str(tmp_path / "scratch"), "--write", str(write)]) == 0
+    data = str(tmp_path / "scratch" / "train-only.jsonl")
+    assert asked == [("fedavg", 0.001, data), ("fedavg", 0.003, data), ("fedavg", 0.05, data)]
     result = json.loads(write.with_suffix(".json").read_text())["methods"]["fedavg"]
-    assert set(result["grid"]) == {"0.001", "0.05"}
-    assert result["chosen"] == float(min(result["grid"], key=result["grid"].get))
-    assert "| fedavg |" in write.with_suffix(".md").read_text()
+    assert result["chosen"] == 0.003 and not result["at_grid_edge"]
+    assert math.isnan(result["grid"]["0.05"]) and result["grid"]["0.003"] == 20.0
+    assert "| fedavg |" in write.with_suffix(".md").read_text() and "0.003: 20.0" in write.with_suffix(".md").read_text()
+    # the validation file is the sweep's pool, not the benchmark's held-out rows
+    pool = validation_pool(load_examples("chatterbot"))
+    assert [(e.prompt, e.response) for e in load_jsonl(Path(data))] == [(e.prompt, e.response) for e in pool]

@@ -167,7 +167,7 @@ class RunConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"learning-rate must be > 0 (0: the aggregator's recommendation), "
                              f"got {self.learning_rate}")
-        if self.sb_init_lr == 0:  # the init's step is tuned apart from training's (simulations/tune.py)
+        if self.sb_init_lr == 0:  # unset: LoRA-SB's own choice, the training rate (README, "Fed-SB init")
             object.__setattr__(self, "sb_init_lr", self.learning_rate)
         if not self.sb_init_lr > 0:
             raise ValueError(f"sb-init-lr must be > 0 (0: the run's learning-rate), got {self.sb_init_lr}")

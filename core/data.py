@@ -160,11 +160,11 @@ def split_heldout(
 ) -> tuple[list[Example], list[Example]]:
     """Deterministic train/held-out split by content hash (same on every process).
 
-    Identical examples hash alike and so sit next to each other in the order; the cut is
-    moved past the end of the group it would fall in, so no copy of a held-out example is
-    trained on (chatterbot repeats about half its rows, one of them 121 times). The cut
-    moves to the nearer end of that group, keeping at least one example held out; the
-    held-out part is ``round(len * fraction)`` unless copies straddle that point.
+    Identical examples hash alike and so sit next to each other in the order. A cut that
+    would fall inside such a group moves to the group's nearer end (keeping at least one
+    example held out), so no copy of a held-out example is trained on (chatterbot repeats
+    about half its rows, one of them 121 times). The held-out part is therefore
+    ``round(len * fraction)`` unless copies straddle that point.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"eval fraction must be in (0, 1), got {fraction}")

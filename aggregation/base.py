@@ -185,17 +185,23 @@ class Recommended:
     ``learning_rate`` is what ``learning-rate = 0`` (the run config's default) resolves to
     (``core.config``); ``source`` says where the number comes from (our tuning sweep,
     ``python -m simulations.tune``, or "untuned"), ``paper`` the method paper's own setting,
-    so a user sees both. A class declares it as ``recommended = Recommended(...)``; one that
-    does not gets ``DEFAULT_RECOMMENDED`` (``aggregation.recommended``).
+    so a user sees both. ``init_learning_rate`` is the step of the method's own init where it
+    has one (Fed-SB's LoRA-SB step, run config ``sb-init-lr``), tuned apart from the training
+    rate: 0 leaves it at the training rate. A class declares it as
+    ``recommended = Recommended(...)``; one that does not gets ``DEFAULT_RECOMMENDED``
+    (``aggregation.recommended``).
     """
 
     learning_rate: float
     source: str
     paper: str = ""
+    init_learning_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.learning_rate > 0:
             raise ValueError(f"a recommended learning rate must be > 0, got {self.learning_rate}")
+        if not self.init_learning_rate >= 0:
+            raise ValueError(f"a recommended init learning rate must be >= 0, got {self.init_learning_rate}")
 
 
 #: for a method without a tuned value of its own: LoRA's usual rate (the run config's old default)

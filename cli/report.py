@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(*summary_row(s))
     console.print(table)
     console.print(SUMMARY_LEGEND, style="dim", markup=False, soft_wrap=False)
+    for s in series:
+        if s.init is not None:  # which Fed-SB a run was: LoRA-SB from public data, from the nodes, or random
+            console.print(f"{s.label}: {s.init.describe()}", markup=False)
     federated = [s for s in series if s.federated]
     for s in federated:  # per evaluated round: the aggregate beside the spread, so a failed node shows
         # the worst node's key is free text: it folds before any header is cut

@@ -53,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
     if cfg.simulation_nodes < 1:
         raise ValueError(f"run {args.run_id} was not a simulation (no simulation-nodes recorded); "
                          "resume deployment runs by submitting with resume-run-id")
-    return simulate.run_on_simulation_engine(cfg, engine, simulate.federation(args, cfg.simulation_nodes),
-                                             home=args.home)
+    return simulate.ENGINES[args.engine](cfg, engine, simulate.federation(args, cfg.simulation_nodes),
+                                         home=args.home)

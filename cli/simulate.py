@@ -31,13 +31,17 @@ OWN_KEYS = frozenset({"simulation-nodes"})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="run a federated simulation (Flower simulation engine)")
+    p = sub.add_parser("simulate", help="run a federated simulation (Flower's simulation engine, or in-process)")
     p.add_argument("--num-clients", type=int, default=8, help="simulated nodes (SuperNodes)")
     add_engine_flags(p)
     run_config.add_flags(p, skip=OWN_KEYS)
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=sorted(ENGINES), default="flower",
+                   help="flower: Flower's simulation engine (a SuperLink, Ray, nodes in parallel); inprocess: the "
+                        "same ServerApp and ClientApp in this process, nodes one after another, one model load "
+                        "(quality sweeps on a small machine; not for timing)")
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--gpus-per-client", type=float, default=None, help="default: 0.25 with CUDA, else 0")
     p.add_argument("--home", default=None, help="project-local state dir (default: ./.flwr under cwd)")
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-clients must be >= 1, got {args.num_clients}")
     cfg = config_from_args(args)
     engine = preflight(cfg, args.num_clients)
-    return run_on_simulation_engine(cfg, engine, federation(args, args.num_clients), home=args.home)
+    return ENGINES[args.engine](cfg, engine, federation(args, args.num_clients), home=args.home)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -99,13 +103,8 @@ def preflight(cfg: RunConfig, num_clients: int) -> Engine:
 
 def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *, home: str | None) -> int:
     flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
-    log_path = flwr_home / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
-    verb = f"resuming run {cfg.resume_run_id}" if cfg.resume_run_id else "fedlora"
-    console.print(f"[bold]{verb}[/] {cfg.aggregator} | model {cfg.model} | {federation['num-supernodes']} clients "
-                  f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds")
-    plan = central_plan(cfg, federation["num-supernodes"])
-    if plan:
-        console.print(plan, markup=False)
+    log_path = _log_path(cfg, home)
+    _announce(cfg, federation["num-supernodes"])
     started = time.monotonic()
     run = None
     try:
@@ -116,13 +115,54 @@ def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *
             finally:
                 terminate_tree(process)
     except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: the SuperLink is stopped by now; say so in the run's row too
-        run = mark_interrupted(engine, cfg.run_tag, "stopped by the user (Ctrl-C or SIGTERM)",
-                               mlflow_uri=cfg.mlflow_uri)
-        if run is not None:
-            console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
+        _interrupted(engine, cfg)
         raise
     return summarize(engine, cfg, run, elapsed=time.monotonic() - started, log_path=log_path)
+
+
+def run_in_process(cfg: RunConfig, engine: Engine, federation: dict, *, home: str | None) -> int:
+    """The same run with ``cli.inprocess``: no SuperLink, nodes one after another in this process."""
+    from cli.inprocess import AppThread
+
+    log_path = _log_path(cfg, home)
+    nodes = federation["num-supernodes"]
+    _announce(cfg, nodes, engine_label="in-process")
+    started = time.monotonic()
+    app = AppThread(cfg.to_flower(), nodes, log_path=log_path)
+    try:
+        run = follow(engine, cfg.run_tag, app.start(), cfg.num_server_rounds)
+    except KeyboardInterrupt:
+        console.print("stopping: the node training now finishes its step, then the run is recorded as interrupted")
+        app.stop()  # the ServerApp marks its row interrupted; a daemon thread, it ends with us regardless
+        _interrupted(engine, cfg)
+        raise
+    return summarize(engine, cfg, run, elapsed=time.monotonic() - started, log_path=log_path)
+
+
+def _log_path(cfg: RunConfig, home: str | None) -> Path:
+    flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
+    return flwr_home / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
+
+
+def _announce(cfg: RunConfig, nodes: int, *, engine_label: str = "") -> None:
+    verb = f"resuming run {cfg.resume_run_id}" if cfg.resume_run_id else "fedlora"
+    where = f" | {engine_label}" if engine_label else ""
+    console.print(f"[bold]{verb}[/] {cfg.aggregator} | model {cfg.model} | {nodes} clients "
+                  f"({cfg.clients_per_round}/round) ranks {cfg.ranks} | {cfg.num_server_rounds} rounds{where}")
+    plan = central_plan(cfg, nodes)
+    if plan:
+        console.print(plan, markup=False)
+
+
+def _interrupted(engine: Engine, cfg: RunConfig) -> None:
+    """Ctrl-C or SIGTERM: the engine is stopped by now; say so in the run's row too."""
+    run = mark_interrupted(engine, cfg.run_tag, "stopped by the user (Ctrl-C or SIGTERM)", mlflow_uri=cfg.mlflow_uri)
+    if run is not None:
+        console.print(f"  continue it with: fedlora resume {run.id} --db '{masked(cfg.database_url)}'")
+
+
+#: --engine: how a simulated run is carried out (the same ServerApp and ClientApp in both)
+ENGINES = {"flower": run_on_simulation_engine, "inprocess": run_in_process}
 
 
 def _default_gpus() -> float:

@@ -103,8 +103,8 @@ class RunConfig:
     calibration_batches: int = setting(4, "fed-sb: batches of batch-size examples for the LoRA-SB init "
                                           "(per node with sb-init=federated)")
     sb_init_lr: float = setting(0.0, "fed-sb: step size of the LoRA-SB init's approximated first step, "
-                                     "dW = -sb-init-lr * sign(sum of gradients) (0: the run's learning-rate, "
-                                     "as in LoRA-SB; recorded as the number used)")
+                                     "dW = -sb-init-lr * sign(sum of gradients) (0: the aggregator's tuned init "
+                                     "step, else the run's learning-rate as in LoRA-SB; recorded as the number used)")
     sb_init_oversample: int = setting(10, "fed-sb federated init: sketch oversampling p (range sketch "
                                           "max-rank+p columns, co-range sketch max-rank+2p rows)")
     sb_init_dp_share: float = setting(0.25, "fed-sb federated init: share of a DP node's remaining ε target its "
@@ -167,8 +167,10 @@ class RunConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"learning-rate must be > 0 (0: the aggregator's recommendation), "
                              f"got {self.learning_rate}")
-        if self.sb_init_lr == 0:  # unset: LoRA-SB's own choice, the training rate (README, "Fed-SB init")
-            object.__setattr__(self, "sb_init_lr", self.learning_rate)
+        if self.sb_init_lr == 0:  # unset: the method's tuned init step, else LoRA-SB's own choice, the
+            # training rate (README, "Fed-SB init")
+            tuned = aggregation.recommended(self.aggregator).init_learning_rate
+            object.__setattr__(self, "sb_init_lr", tuned or self.learning_rate)
         if not self.sb_init_lr > 0:
             raise ValueError(f"sb-init-lr must be > 0 (0: the run's learning-rate), got {self.sb_init_lr}")
         if not 0.0 < self.eval_fraction < 1.0:

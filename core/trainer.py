@@ -149,9 +149,11 @@ def train(
     if privacy is not None:
         return _train_private(model, optimizer, examples, tokenizer, cfg, privacy, dev)
     losses = []
+    answer_tokens = 0
     start = time.perf_counter()
     for chunk in batches(examples, cfg):
         batch = to_device(collate(chunk, tokenizer, cfg.max_len), dev)
+        answer_tokens += int((batch["labels"] != IGNORE).sum())
         with autocast(dev):
             loss = sequence_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -159,6 +161,8 @@ def train(
         optimizer.step()
         losses.append(float(loss.detach()))
     model.eval()
+    if answer_tokens == 0:  # every loss was 0 over nothing: the "update" would be AdamW's noise
+        raise ValueError(no_answer_tokens(len(losses) * cfg.batch_size, cfg.max_len, "trained on"))
     return TrainResult(
         mean_loss=float(np.mean(losses)),
         first_loss=losses[0],
@@ -215,6 +219,11 @@ class EvalResult:
 
 
 @torch.no_grad()
+def no_answer_tokens(examples: int, max_len: int, what: str) -> str:
+    return (f"no answer token left in the {examples} examples {what} at max-seq-len {max_len}: the prompt with its "
+            f"chat template fills every sequence (SmolLM2's template alone is ~30 tokens); raise max-seq-len")
+
+
 def evaluate(
     model: nn.Module, examples: Sequence[Example], tokenizer, *, max_len: int, batch_size: int = 16
 ) -> EvalResult:
@@ -230,5 +239,7 @@ def evaluate(
             losses, mask = token_losses(model, batch)
         total += float(losses.sum())
         tokens += int(mask.sum())
-    loss = total / max(tokens, 1)
+    if tokens == 0:  # a loss of 0 (perplexity 1.0) over nothing would read as a perfect model
+        raise ValueError(no_answer_tokens(len(examples), max_len, "evaluated"))
+    loss = total / tokens
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, examples=len(examples))

@@ -37,6 +37,38 @@ class ClientRow:
     epsilon: float | None  # local DP-SGD ε spent so far on the node's data, where it ran DP
 
 
+@dataclass(frozen=True, kw_only=True)
+class InitSummary:
+    """What a run's init (Fed-SB's LoRA-SB init, ``sb-init``) was, read from its ``initialisations`` row."""
+
+    kind: str  # server-public | federated | random
+    seconds: float
+    bytes_down: int
+    bytes_up: int
+    calibration_examples: int | None  # server-public: the calibration ids (disjoint from the evaluation ones)
+    nodes: int | None  # federated: the nodes whose sketch was used
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return "init random (ablation: random orthonormal B and A, no LoRA-SB step)"
+        where = (f"{self.calibration_examples} calibration examples, none of them evaluated on"
+                 if self.calibration_examples is not None else f"sketches from {self.nodes} nodes")
+        return (f"init {self.kind} (LoRA-SB): {where}; {self.seconds:.1f} s, {self.bytes_down / 1e6:.2f} MB down, "
+                f"{self.bytes_up / 1e6:.2f} MB up")
+
+
+def load_init(session: Session, run_id: int) -> InitSummary | None:
+    row = read.initialisation(session, run_id)
+    if row is None:
+        return None
+    details = row.details if isinstance(row.details, dict) else {}
+    calibration = details.get("calibration-ids")
+    nodes = [n for n in details.get("nodes", []) if isinstance(n, dict) and n.get("status") == "ok"]
+    return InitSummary(kind=row.kind, seconds=row.seconds, bytes_down=row.bytes_down, bytes_up=row.bytes_up,
+                       calibration_examples=len(calibration) if calibration is not None else None,
+                       nodes=len(nodes) if "nodes" in details else None)
+
+
 @dataclass
 class RunSeries:
     """Everything a report shows about one run, per round."""
@@ -61,6 +93,7 @@ class RunSeries:
     federated: list[FederatedRound] = field(default_factory=list)  # federated evaluation: aggregate and spread
     node_evals: list[NodeEvalRow] = field(default_factory=list)  # ... and each node's row (node-eval-report)
     config: dict[str, object] = field(default_factory=dict)  # the run config the run started with
+    init: InitSummary | None = None  # the adapter's init before round 1 (Fed-SB), where it had one
 
     @property
     def label(self) -> str:
@@ -107,6 +140,7 @@ def load_series(session: Session, run_id: int) -> RunSeries:
             seconds=u.seconds, bytes_down=u.bytes_down, bytes_up=u.bytes_up, status=u.status, reason=u.reason or "",
             epsilon=float(metrics["dp-epsilon"]) if "dp-epsilon" in metrics else None))
     series.federated, series.node_evals = load_federated(session, run_id)
+    series.init = load_init(session, run_id)
     return series
 
 
@@ -247,7 +281,8 @@ def write_html(series: list[RunSeries], plots: list[Path], out: Path) -> Path:
             for r, ok, n, tl, re, d, u, sec in zip(s.rounds, s.clients_ok, s.clients_sampled, s.train_loss,
                                                    s.relative_error, s.mb_down, s.mb_up, s.seconds)
         ]
-        sections.append(f"<h2>{html.escape(s.label)}: {html.escape(s.model)}, {html.escape(s.status)}</h2>"
+        init = f"<p>{html.escape(s.init.describe())}</p>" if s.init else ""
+        sections.append(f"<h2>{html.escape(s.label)}: {html.escape(s.model)}, {html.escape(s.status)}</h2>" + init
                         + _table(("round", "clients", "train loss", "eval ppl", "rel. error", "MB down", "MB up", "s"),
                                  rows)
                         + client_table(s) + federated_html(s.federated, s.node_evals) + config_table(s))

@@ -39,8 +39,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 import aggregation
+from aggregation.fed_sb import INIT_SOURCES
 from cli.app import main as cli_main
-from core.config import parse_ranks
+from core.config import RunConfig, parse_ranks
 from core.data import load_examples, partition, split_heldout
 from core.model import AdaptedModel, AdapterSpec
 from core.presets import load_base
@@ -73,11 +74,12 @@ class Size:
                 f"seq {self.max_seq_len}, {self.eval_examples} held-out examples, eval every {self.eval_every}")
 
 
-# (11 methods mixed + 4 claim methods homogeneous) x 3 seeds = 45 simulations; estimated at
-# ~80 s each on 2 idle cores (the 2026-11-24 table took ~130 s a run at 3 x 3 steps, seq 64),
-# about an hour in all. Not yet measured at this size: on shared cores a run took 7-16 min.
+# (11 methods mixed + 4 claim methods homogeneous) x 3 seeds = 45 runs on the in-process
+# engine. Sized for 2 CPU cores: at batch 8 x 48 tokens a SmolLM2 run took ~120 s, nearly all
+# of it training, so batch 4. Not fewer tokens: SmolLM2's chat template and the prompt take
+# 31-65 (median 38) of them, and at 32 no answer token is left.
 DEFAULT = Size(model="smollm2", num_clients=6, clients_per_round=3, rounds=4, local_steps=2, eval_examples=16,
-               max_seq_len=48, batch_size=8, eval_every=2)
+               max_seq_len=48, batch_size=4, eval_every=2)
 QUICK = Size(model="tiny", num_clients=3, clients_per_round=3, rounds=2, local_steps=2, eval_examples=8,
              max_seq_len=48, batch_size=4, eval_every=1, max_rank=8)
 #: scenario -> client ranks, cycled over partitions; the quick size caps them at its max-rank
@@ -85,6 +87,8 @@ SCENARIOS = {"mixed": "2,4,8,16", "homogeneous": "8,8,8,8"}
 QUICK_SCENARIOS = {"mixed": "2,4,8", "homogeneous": "4,4,4"}
 # the methods whose aggregate is a weighted sum (the capability their classes declare)
 DP_AGGREGATORS = tuple(aggregation.weighted_sum_names())
+#: Fed-SB's init sources (run config sb-init), the default first
+SB_INITS = (RunConfig().sb_init, *(i for i in INIT_SOURCES if i != RunConfig().sb_init))
 #: the homogeneous control runs, by default, only the methods whose claims it checks
 CONTROL_METHODS = ("fedavg", "flora", "lora-fair", "fed-sb")
 
@@ -94,9 +98,14 @@ def ranks_for(size: Size, scenario: str) -> str:
 
 
 def simulate_args(name: str, size: Size, *, ranks: str, seed: int, out: Path, lr: float = 0.0,
-                  data: str = "chatterbot") -> list[str]:
-    """``fedlora simulate`` flags for one run; ``lr`` 0 is the method's recommendation."""
-    return ["simulate", "--aggregator", name, "--model", size.model, "--num-clients", str(size.num_clients),
+                  data: str = "chatterbot", engine: str = "inprocess") -> list[str]:
+    """``fedlora simulate`` flags for one run; ``lr`` 0 is the method's recommendation.
+
+    ``engine`` ``inprocess`` (the default here) runs the same ServerApp and ClientApp without
+    Flower's engine: on 2 cores the engine's start and Ray cost more than a run's training,
+    and quality does not depend on it (``cli.inprocess``).
+    """
+    return ["simulate", "--engine", engine, "--aggregator", name, "--model", size.model, "--num-clients", str(size.num_clients),
             "--clients-per-round", str(size.clients_per_round), "--rounds", str(size.rounds),
             "--local-steps", str(size.local_steps), "--ranks", ranks, "--max-rank", str(size.max_rank),
             "--lr", str(lr), "--eval-examples", str(size.eval_examples), "--eval-every", str(size.eval_every),
@@ -171,14 +180,21 @@ def dp_flags(out: Path, name: str, epsilon: float, seed: int) -> list[str]:
 
 
 def run_table(names: list[str], size: Size, *, scenario: str, seeds: list[int], out: Path, epsilon: float = 0.0,
-              with_references: bool = True) -> list[Summary]:
-    """Every method over every seed in one scenario (and DP level), summarised."""
+              with_references: bool = True, engine: str = "inprocess", extra: dict[str, list[str]] | None = None
+              ) -> list[Summary]:
+    """Every method over every seed in one scenario (and DP level), summarised.
+
+    ``extra`` maps a row label to (aggregator, extra flags): e.g. Fed-SB with another init.
+    """
     ranks = ranks_for(size, scenario)
     runs: dict[str, list[Curve]] = {}
+    rows = [(name, name, []) for name in names] + [(label, flags[0], flags[1:]) for label, flags in (extra or {}).items()]
     for seed in seeds:
-        for name in names:
-            args = simulate_args(name, size, ranks=ranks, seed=seed, out=out) + dp_flags(out, name, epsilon, seed)
-            runs.setdefault(name, []).append(run_one(name, args, out))
+        for label, name, flags in rows:
+            args = (simulate_args(name, size, ranks=ranks, seed=seed, out=out, engine=engine) + flags
+                    + dp_flags(out, label, epsilon, seed))
+            curve = run_one(name, args, out)
+            runs.setdefault(label, []).append(replace(curve, name=label))
         if with_references:
             for ref in references(size, seed, ranks=ranks, private_run=bool(epsilon)):
                 runs.setdefault(ref.name, []).append(ref)
@@ -196,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-epsilon", default="", help="comma list of ε: FedAvg, FFA-LoRA, Fed-SB under DP-SGD")
     parser.add_argument("--rounds", type=int, default=0, help="override the size's rounds")
     parser.add_argument("--eval-examples", type=int, default=0, help="override the size's held-out examples")
+    parser.add_argument("--sb-inits", default="", help="comma list of Fed-SB inits to add as rows beside the "
+                                                       f"default one ({', '.join(SB_INITS)}), in the mixed-rank "
+                                                       "tables (where Fed-SB's claim is checked)")
+    parser.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"),
+                        help="fedlora simulate's --engine (inprocess: no Flower engine start per run)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else DEFAULT
     size = replace(size, rounds=args.rounds or size.rounds, eval_examples=args.eval_examples or size.eval_examples)
@@ -208,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         raise SystemExit(f"unknown scenario(s) {unknown}; valid: {', '.join(SCENARIOS)}")
+    inits = [i for i in args.sb_inits.split(",") if i]
+    if sorted(set(inits) - set(SB_INITS)):
+        raise SystemExit(f"unknown --sb-inits {sorted(set(inits) - set(SB_INITS))}; valid: {', '.join(SB_INITS)}")
+    extra = {f"fed-sb (init {i})": ["fed-sb", "--sb-init", i] for i in inits}
     args.out.mkdir(parents=True, exist_ok=True)
     tables: dict[str, list[Summary]] = {}
     for scenario in scenarios:
@@ -215,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{scenario} ranks {ranks_for(size, scenario)}" + (f", DP ε={epsilon:g}" if epsilon else "")
             chosen = names if args.aggregators or scenario != "homogeneous" else [
                 n for n in names if n in CONTROL_METHODS]
-            tables[label] = run_table(chosen, size, scenario=scenario, seeds=seeds, out=args.out, epsilon=epsilon)
-    header = f"{size.describe()}; seeds {','.join(map(str, seeds))}; each method at its recommended lr"
+            tables[label] = run_table(chosen, size, scenario=scenario, seeds=seeds, out=args.out, epsilon=epsilon,
+                                      engine=args.engine, extra=extra if scenario == "mixed" else None)
+    header = (f"{size.describe()}; seeds {','.join(map(str, seeds))}; each method at its recommended lr; "
+              f"fed-sb rows without an init named use sb-init {SB_INITS[0]}; engine {args.engine}")
     verdicts = claims(tables)
     path = write_outputs(tables, verdicts, args.out, header)
     (args.out / "quality.json").write_text(json.dumps(

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from server.db.models import (
-    ClientUpdateRecord, Evaluation, FederatedEvaluation, NodeEvaluation, RoundRecord, Run,
+    ClientUpdateRecord, Evaluation, FederatedEvaluation, InitRecord, NodeEvaluation, RoundRecord, Run,
 )
 
 #: client statuses that mean a sampled node did not do what it was asked
@@ -49,6 +49,11 @@ def federated_evaluations(session: Session, run_id: int) -> list[FederatedEvalua
     """Each evaluated round's aggregate and spread across nodes."""
     return list(session.scalars(select(FederatedEvaluation).where(FederatedEvaluation.run_id == run_id)
                                 .order_by(FederatedEvaluation.round_number)))
+
+
+def initialisation(session: Session, run_id: int) -> InitRecord | None:
+    """How the run's adapter was initialised (Fed-SB's LoRA-SB init); None for a method without one."""
+    return session.scalars(select(InitRecord).where(InitRecord.run_id == run_id)).first()
 
 
 def client_updates(session: Session, run_id: int) -> list[ClientUpdateRecord]:

@@ -144,6 +144,16 @@ def test_the_demo_trains_every_node_each_round_at_the_methods_rate(tmp_path):
     assert (given.clients_per_round, given.learning_rate) == (2, 0.01)
 
 
+def demo_args() -> list[str]:
+    """What `make demo` adds to `fedlora simulate` (the Makefile's DEMO_ARGS)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    return shlex.split(re.search(r"^DEMO_ARGS :?= ?(.*)$", makefile, re.M).group(1))
+
+
 @pytest.mark.integration
 def test_the_demo_config_runs_end_to_end_on_the_tiny_model(tmp_path):
     # the plumbing only: the tiny model learns nothing (the improvement is a README figure)
@@ -153,10 +163,10 @@ def test_the_demo_config_runs_end_to_end_on_the_tiny_model(tmp_path):
     from server.report import load_series
 
     db = f"sqlite:///{tmp_path}/demo.db"
-    assert main(["simulate", "--model", "tiny", "--db", db, "--home", str(tmp_path / "flwr"),
+    assert main(["simulate", *demo_args(), "--model", "tiny", "--db", db, "--home", str(tmp_path / "flwr"),
                  "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
     with Session(open_database(db)) as s:
         series = load_series(s, 1)
     assert series.status == "completed" and series.clients_ok == [8, 8, 8]
-    assert series.eval_rounds[0] == 0 and series.eval_rounds[-1] == 3
+    assert series.eval_rounds == [0, 1, 2, 3]  # the demo's curve: round 0 and every round
     assert series.config["learning-rate"] > 0  # the recommendation, recorded as the number used

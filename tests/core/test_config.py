@@ -54,11 +54,14 @@ def test_unset_learning_rate_is_the_methods_recommendation_and_is_recorded():
     assert RunConfig(aggregator="fed-sb", learning_rate=0.5).learning_rate == 0.5  # explicit wins
 
 
-def test_fed_sb_init_step_is_the_run_lr_unless_set_and_is_recorded():
+def test_fed_sb_init_step_is_the_tuned_one_else_the_run_lr_unless_set_and_is_recorded():
+    import aggregation
+
     cfg = RunConfig(aggregator="fed-sb", learning_rate=0.01)
-    assert cfg.sb_init_lr == 0.01 and cfg.to_flower()["sb-init-lr"] == 0.01
-    tuned = RunConfig(aggregator="fed-sb", learning_rate=0.01, sb_init_lr=0.001)
-    assert (tuned.learning_rate, tuned.sb_init_lr) == (0.01, 0.001)
+    expected = aggregation.recommended("fed-sb").init_learning_rate or 0.01
+    assert cfg.sb_init_lr == expected and cfg.to_flower()["sb-init-lr"] == expected
+    tuned = RunConfig(aggregator="fed-sb", learning_rate=0.01, sb_init_lr=0.002)
+    assert (tuned.learning_rate, tuned.sb_init_lr) == (0.01, 0.002)
     assert RunConfig.from_flower(tuned.to_flower()) == tuned  # the record reads back as the same run
 
 
@@ -74,3 +77,17 @@ def test_a_class_without_its_own_recommendation_gets_the_documented_default():
         assert aggregation.recommended("bare-test") == DEFAULT_RECOMMENDED
     finally:
         del aggregation._REGISTRY["bare-test"]
+
+
+@pytest.mark.parametrize("init_lr, expected", [(0.0, 0.05), (0.002, 0.002)])
+def test_a_recommended_init_step_is_used_only_when_the_run_leaves_sb_init_lr_unset(monkeypatch, init_lr, expected):
+    import aggregation
+    from aggregation.base import Recommended
+
+    fed_sb = aggregation.get_class("fed-sb")
+    monkeypatch.setattr(fed_sb, "recommended", Recommended(learning_rate=0.05, source="test", init_learning_rate=init_lr),
+                        raising=False)
+    assert RunConfig(aggregator="fed-sb").sb_init_lr == expected  # 0: the training rate, as in LoRA-SB
+    assert RunConfig(aggregator="fed-sb", sb_init_lr=0.3).sb_init_lr == 0.3  # the run's own wins
+    with pytest.raises(ValueError, match="-1"):
+        Recommended(learning_rate=0.05, source="test", init_learning_rate=-1)

@@ -111,3 +111,24 @@ def test_gpu_training_step_with_bf16_autocast_exports_fp32(base):
     after = adapted.export("AB")
     m = next(iter(after))
     assert after[m]["A"].dtype == np.float32 and not np.array_equal(after[m]["A"], before[m]["A"])
+
+
+def test_no_answer_token_within_max_len_is_an_error_not_a_perfect_score():
+    # at a max-len the prompt and chat template fill, every loss is over nothing: perplexity
+    # 1.0 would read as a perfect model, an update as real training
+    from core.data import load_examples
+    from core.model import AdaptedModel, AdapterSpec
+    from core.presets import load_base
+    from core.trainer import TrainConfig, evaluate, train
+
+    base = load_base("tiny")
+    examples = load_examples("chatterbot")[:4]
+    with pytest.raises(ValueError, match="no answer token left in the 4 examples evaluated at max-seq-len 3"):
+        evaluate(base.model, examples, base.tokenizer, max_len=3)
+    adapted = AdaptedModel(copy.deepcopy(base.model), AdapterSpec(kind="lora", rank=2, alpha=16.0,
+                                                                  targets=("q_proj", "v_proj")))
+    adapted.set_trainable(frozenset({"A", "B"}))
+    with pytest.raises(ValueError, match="trained on at max-seq-len 3"):
+        train(adapted, examples, base.tokenizer, TrainConfig(steps=1, batch_size=2, learning_rate=1e-3, max_len=3,
+                                                             seed=0))
+    assert evaluate(base.model, examples, base.tokenizer, max_len=256).tokens > 0

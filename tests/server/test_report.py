@@ -130,3 +130,26 @@ def test_the_report_renders_in_headless_chromium(tmp_path):
     assert image.size == (1280, 2000)
     low, high = image.getextrema()
     assert high - low > 100  # text and plots drawn, not a blank page
+
+
+@pytest.mark.parametrize("kind, details, needle", [
+    ("server-public", {"calibration-ids": ["a", "b", "c"], "evaluation-ids": ["d"]},
+     "init server-public (LoRA-SB): 3 calibration examples, none of them evaluated on; 1.5 s, 0.00 MB down, "
+     "0.00 MB up"),
+    ("federated", {"nodes": [{"node": "n1", "status": "ok"}, {"node": "n2", "status": "declined"},
+                             {"node": "n3", "status": "ok"}]},
+     "init federated (LoRA-SB): sketches from 2 nodes; 1.5 s, 2.00 MB down, 3.00 MB up"),
+    ("random", {}, "init random (ablation"),
+])
+def test_the_report_says_which_fed_sb_init_a_run_used(tmp_path, capsys, kind, details, needle):
+    db = f"sqlite:///{tmp_path}/r.db"
+    run_id = _small_run(db, rounds=1, finish=True)
+    RunRecorder(open_database(db)).record_init(run_id, kind=kind, seconds=1.5, bytes_down=2_000_000,
+                                               bytes_up=3_000_000, details=details)
+    plain = _small_run(db, rounds=1, finish=True)  # a method without an init: no line
+    out = tmp_path / "report"
+    assert main(["report", str(run_id), str(plain), "--out", str(out), "--db", db]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"run {run_id} (fedavg): {needle}" in text
+    assert f"run {plain} (fedavg): init" not in text
+    assert needle.split(";")[0] in (out / "report.html").read_text()

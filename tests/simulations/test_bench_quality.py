@@ -1,9 +1,9 @@
-"""The quick quality benchmark's plumbing on Flower's simulation engine: two methods (one of
-each adapter kind: LoRA's A and B, Fed-SB's R), the references, the tables and the plot.
+"""The quick quality benchmark's plumbing: two methods (one of each adapter kind: LoRA's A and
+B, Fed-SB's R) and Fed-SB with its random init as an extra row, the references, the tables
+and the plot; on the in-process engine (the benchmark's default), and one method on Flower's.
 
 Every aggregator runs end to end through the real ServerApp and ClientApp in
-tests/server/test_every_aggregator.py (in process, seconds each); an engine start per
-method here would cost ~45 s each.
+tests/server/test_every_aggregator.py.
 """
 
 import csv
@@ -28,10 +28,10 @@ METHODS = ("fedavg", "fed-sb")
 
 def test_quick_quality_benchmark_has_a_finite_row_per_method(tmp_path):
     assert {aggregation.get_class(n).adapter_kind for n in METHODS} == {"lora", "bra"}
-    assert main(["--quick", "--out", str(tmp_path), "--aggregators", ",".join(METHODS)]) == 0
+    assert main(["--quick", "--out", str(tmp_path), "--aggregators", ",".join(METHODS), "--sb-inits", "random"]) == 0
     with open(tmp_path / "quality.csv", newline="") as fh:
         rows = {row[1]: row for row in list(csv.reader(fh))[1:]}
-    assert set(METHODS) <= set(rows)
+    assert set(METHODS) | {"fed-sb (init random)"} <= set(rows)
     assert "centralised LoRA (ceiling)" in rows and "base model (floor)" in rows
     for name, row in rows.items():
         assert math.isfinite(float(row[3])), name  # one seed: the mean alone
@@ -49,6 +49,17 @@ def test_quick_quality_benchmark_has_a_finite_row_per_method(tmp_path):
                           .where(ClientUpdateRecord.run_id == run.id, ClientUpdateRecord.status == "ok"))
             assert ok == 6, run.aggregator
         assert {r.aggregator for r in s.scalars(select(Run))} == set(METHODS)
+        # which Fed-SB each row was: the default's LoRA-SB init, and the random ablation
+        assert sorted(r.config["sb-init"] for r in s.scalars(select(Run).where(Run.aggregator == "fed-sb"))) == [
+            "random", "server-public"]
+    assert "sb-init server-public" in (tmp_path / "quality.md").read_text()
+
+
+def test_the_benchmark_runs_on_flowers_engine_too(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path), "--aggregators", "fedavg", "--engine", "flower"]) == 0
+    with Session(open_database(f"sqlite:///{tmp_path / 'quality.db'}")) as s:
+        (run,) = s.scalars(select(Run)).all()
+    assert run.status == "completed" and run.flwr_run_id != 1  # a real SuperLink's run id
 
 
 def test_references_do_not_depend_on_what_ran_before():

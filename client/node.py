@@ -64,13 +64,22 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+@functools.lru_cache(maxsize=4)
+def cached_partitions(data: str, eval_fraction: float, seed: int, scheme: str, parts: int
+                      ) -> tuple[tuple[Example, ...], ...]:
+    """The simulated federation's split, once per run: a message reads its node's part twice
+    (the ledger's data fingerprint, then ``node_split``), and in-process nodes share it."""
+    train_split, _ = split_heldout(cached_examples(data), eval_fraction, seed)
+    return tuple(tuple(part) for part in partition(train_split, scheme, parts, seed))
+
+
 def local_examples(context: Context, cfg: RunConfig) -> list[Example]:
     node = context.node_config
     if "data-path" in node:  # deployment: the node's own file is its partition
         return list(cached_examples(str(node["data-path"])))
-    train_split, _ = split_heldout(cached_examples(cfg.data), cfg.eval_fraction, cfg.seed)
-    parts = partition(train_split, cfg.partition, int(node.get("num-partitions", 1)), cfg.seed)
-    return parts[int(node.get("partition-id", 0))]
+    parts = cached_partitions(cfg.data, cfg.eval_fraction, cfg.seed, cfg.partition,
+                              int(node.get("num-partitions", 1)))
+    return list(parts[int(node.get("partition-id", 0))])
 
 
 def node_split(context: Context, cfg: RunConfig) -> tuple[list[Example], list[Example]]:

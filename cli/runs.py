@@ -16,8 +16,9 @@ from server.db.session import masked, open_database
 #: short headers: an 80-column terminal shows each of them whole
 RUNS_COLUMNS = ("id", "aggregator", "model", "status", "rounds", "eval ppl", "central ε", "started")
 # central ε: the user-level ε central DP spent (per-client DP-SGD ε is in `report`)
-RUNS_LEGEND = ("eval ppl: held-out perplexity after the last evaluated round; central ε: the user-level ε "
-               "central DP spent (each client's DP-SGD ε: fedlora report); started: month-day time")
+RUNS_LEGEND = ("eval ppl: held-out perplexity after the last evaluated round (F: the nodes' federated evaluation, "
+               "for a run without server-side evaluation); central ε: the user-level ε central DP spent (each "
+               "client's DP-SGD ε: fedlora report); started: month-day time")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                 federated.add_row(str(row.id), *federated_row(rounds[-1]))
             evals = read.evaluations(session, row.id)
             table.add_row(str(row.id), row.aggregator, row.model, row.status, str(len(read.rounds(session, row.id))),
-                          fmt(evals[-1].perplexity if evals else None, 2),
+                          _eval_ppl(evals[-1].perplexity if evals else None, rounds),
                           fmt(read.central_epsilon(session, row.id), 3), row.started_at.strftime("%m-%d %H:%M"))
     console.print(table)
     console.print(RUNS_LEGEND, style="dim", markup=False, soft_wrap=False)
@@ -48,3 +49,11 @@ def run(args: argparse.Namespace) -> int:
         console.print(federated)
         console.print(FEDERATED_LEGEND, style="dim", markup=False, soft_wrap=False)
     return 0
+
+
+def _eval_ppl(server: float | None, federated: list) -> str:
+    """The server's held-out perplexity; without one, the nodes' last federated aggregate, marked F."""
+    if server is not None:
+        return fmt(server, 2)
+    last = next((r.perplexity for r in reversed(federated) if r.perplexity is not None), None)
+    return f"{fmt(last, 2)} F" if last is not None else "-"

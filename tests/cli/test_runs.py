@@ -61,6 +61,9 @@ def test_runs_shows_each_runs_last_federated_round_with_its_spread_at_80_columns
         assert f" {column} " in f" {header} ", column
     body = lines[lines.index(header) + 2:]
     assert body[0].split()[:7] == [str(run_id), "2", "2/2", "1.5931", "4.92", "6.2500", "3.8750"]
+    # a run without server-side evaluation shows the federated aggregate in the first table, marked
+    first = next(line for line in lines if line.split()[:2] == [str(run_id), "flora"])
+    assert "4.92 F" in first
     # the worst node's key folds within its column, its held-out count with it
     start = header.index("worst node")
     assert "".join(line[start:].strip() for line in body[:2]) == "a-very-long-node-name-for-the-clinic (8)"

@@ -75,6 +75,7 @@ from aggregation.base import (
     ClientUpdate,
     Downlink,
     ModelSpec,
+    Recommended,
     Tensors,
 )
 from aggregation.seeded_init import module_rng
@@ -192,6 +193,13 @@ class FedSB:
     adapter_kind = "bra"
     weighted_sum = WeightedSum(coverage={"R": "block"}, renormalised=True)
     accepts_calibration = True
+    # R alone trains, so at a rate of its own; the init's sign step stays at LoRA's rate (a step
+    # of 1e-2 on every weight entry had taken validation ppl 39.6 -> 636 before any training)
+    recommended = Recommended(
+        learning_rate=1e-2, init_learning_rate=1e-3,
+        source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; grid 3e-3..1e-1 at sb-init-lr 1e-3)",
+        paper="Fed-SB (arXiv 2502.15436), its code's commonsense script: lr 1e-4 for Llama-3.2-3B at r=200, alpha=r, "
+              "AdamW with 2% linear warmup, init step lr/(0.02 x total steps)")
 
     def __init__(self, *, initial: dict[str, dict[str, np.ndarray]] | None = None) -> None:
         # own copy, so a caller editing its arrays later cannot change this run

@@ -35,6 +35,9 @@ def test_every_tuned_method_carries_the_chosen_rate():
     for name, result in json.loads(TUNING.read_text())["methods"].items():
         assert aggregation.recommended(name).learning_rate == pytest.approx(result["chosen"]), name
         assert "simulations/tuning.json" in aggregation.recommended(name).source, name
+        # the init step the sweep held fixed is the one the method recommends with its rate
+        assert aggregation.recommended(name).init_learning_rate == pytest.approx(
+            result.get("init_learning_rate", 0.0)), name
 
 
 def test_a_sweep_runs_each_rate_on_the_validation_file_and_picks_the_lowest(tmp_path, monkeypatch):
@@ -66,3 +69,25 @@ def test_a_sweep_runs_each_rate_on_the_validation_file_and_picks_the_lowest(tmp_
     # the validation file is the sweep's pool, not the benchmark's held-out rows
     pool = validation_pool(load_examples("chatterbot"))
     assert [(e.prompt, e.response) for e in load_jsonl(Path(data))] == [(e.prompt, e.response) for e in pool]
+
+
+def test_the_fed_sb_sweep_holds_the_init_step_and_records_it(tmp_path, monkeypatch):
+    # R's rate moves alone: a LoRA-SB sign step at R's rate had wrecked the model before training
+    import simulations.tune as tune
+    from simulations.quality_stats import Curve
+
+    seen = []
+
+    def fake_run(name, args, out):
+        seen.append(args[args.index("--sb-init-lr") + 1] if "--sb-init-lr" in args else None)
+        return Curve(name=name, points=((0, 40.0), (1, 20.0)), mb_up=1.0, wall_s=1.0, status="completed", lr=0.1)
+
+    monkeypatch.setattr(tune, "run_one", fake_run)
+    write = tmp_path / "tuning"
+    assert main(["--quick", "--methods", "fed-sb,fedavg", "--grid", "0.01", "--rounds", "1",
+                 "--out", str(tmp_path / "scratch"), "--write", str(write)]) == 0
+    assert seen == [str(tune.INIT_STEP["bra"]), None]
+    methods = json.loads(write.with_suffix(".json").read_text())["methods"]
+    assert methods["fed-sb"]["init_learning_rate"] == tune.INIT_STEP["bra"]
+    assert methods["fedavg"]["init_learning_rate"] == 0.0
+    assert "sb-init-lr held at 0.001" in write.with_suffix(".md").read_text()

@@ -114,6 +114,10 @@ def simulate_args(name: str, size: Size, *, ranks: str, seed: int, out: Path, lr
             "--home", str(out / "flwr"), "--checkpoint-dir", str(out / "checkpoints")]
 
 
+#: fedlora's exit statuses for Ctrl-C and SIGTERM (cli.app)
+INTERRUPTED = (130, 143)
+
+
 def run_one(name: str, args: list[str], out: Path) -> Curve:
     """One simulation through the CLI; its evaluated rounds and upload read back from the database."""
     engine = open_database(f"sqlite:///{out / 'quality.db'}")
@@ -122,6 +126,8 @@ def run_one(name: str, args: list[str], out: Path) -> Curve:
     start = time.monotonic()
     code = cli_main(args)
     wall = time.monotonic() - start
+    if code in INTERRUPTED:  # the CLI caught Ctrl-C or SIGTERM for its run: the sweep stops too
+        raise KeyboardInterrupt(f"fedlora simulate exited {code}")
     with Session(engine) as session:
         run_id = session.scalars(select(Run.id).where(Run.aggregator == name, Run.id > before)
                                  .order_by(Run.id.desc())).first()

@@ -62,19 +62,27 @@ def grid_for(name: str, override: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def sweep(name: str, grid: tuple[float, ...], size: Size, *, ranks: str, seed: int, data: Path,
-          out: Path) -> dict:
-    """Final validation perplexity per learning rate; the lowest wins (NaN: the run failed)."""
-    results = {}
+          out: Path, earlier: dict[str, float] | None = None) -> dict:
+    """Final validation perplexity per learning rate; the lowest wins (NaN: the run failed).
+
+    ``earlier``: points already measured at the same size, ranks and seed (a sweep widened
+    past its edge keeps them, and the choice is over all of them).
+    """
+    results = dict(earlier or {})
     init_step = INIT_STEP.get(aggregation.get_class(name).adapter_kind, 0.0)
     flags = ["--sb-init-lr", str(init_step)] if init_step else []
     for lr in grid:
+        if f"{lr:g}" in results:  # measured before at this size: not run again
+            continue
         args = simulate_args(name, size, ranks=ranks, seed=seed, out=out, lr=lr, data=str(data)) + flags
         curve = run_one(name, args, out)
         results[f"{lr:g}"] = curve.points[-1][1] if curve.points else math.nan
         print(f"  {name} lr {lr:g}: validation ppl {results[f'{lr:g}']:.2f} ({curve.wall_s:.0f} s)", flush=True)
+    results = {lr: results[lr] for lr in sorted(results, key=float)}
     finite = {lr: ppl for lr, ppl in results.items() if math.isfinite(ppl)}
     chosen = min(finite, key=finite.get) if finite else None
-    edge = chosen is not None and len(grid) > 1 and chosen in (f"{grid[0]:g}", f"{grid[-1]:g}")
+    swept = list(results)
+    edge = chosen is not None and len(swept) > 1 and chosen in (swept[0], swept[-1])
     return {"grid": results, "chosen": None if chosen is None else float(chosen), "at_grid_edge": edge,
             "init_learning_rate": init_step, "size": size.describe(), "ranks": ranks, "seed": seed}
 
@@ -120,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     results.update(date=datetime.date.today().isoformat(), command=command)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for name in names:  # written after each method: an interrupted sweep keeps what it measured
+        before = results["methods"].get(name, {})
+        same = (before.get("size"), before.get("ranks"), before.get("seed")) == (size.describe(), ranks, args.seed)
         results["methods"][name] = {**sweep(name, grid_for(name, grid), size, ranks=ranks, seed=args.seed,
-                                            data=data, out=args.out), "command": command}
+                                            data=data, out=args.out, earlier=before["grid"] if same else None),
+                                    "command": command}
         print(f"{name}: {results['methods'][name]['grid']} -> {results['methods'][name]['chosen']}", flush=True)
         json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         write_table(results, args.write.with_suffix(".md"), command)

@@ -79,7 +79,7 @@ def test_clients_per_round_above_the_client_count_is_printed_and_recorded(tmp_pa
         seen["cfg"] = cfg
         return 0
 
-    monkeypatch.setattr(simulate, "run_on_simulation_engine", fake_run)
+    monkeypatch.setitem(simulate.ENGINES, "flower", fake_run)
     code = app.main(["simulate", "--model", "tiny", "--num-clients", "2", "--clients-per-round", "5",
                      "--ranks", "2,4", "--max-rank", "8", "--db", f"sqlite:///{tmp_path}/x.db"])
     assert code == 0

@@ -61,7 +61,7 @@ def _edit_row(db: str, run_id: int, **changes) -> dict:
 def launches(monkeypatch) -> list:
     """Every call that would start a SuperLink; a refusal must leave this empty."""
     calls: list = []
-    monkeypatch.setattr(simulate, "run_on_simulation_engine", lambda *a, **k: calls.append(a) or 0)
+    monkeypatch.setitem(simulate.ENGINES, "flower", lambda *a, **k: calls.append(a) or 0)
     return calls
 
 

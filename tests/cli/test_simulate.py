@@ -42,7 +42,7 @@ def _never_started(monkeypatch) -> list:
     from cli import simulate
 
     calls: list = []
-    monkeypatch.setattr(simulate, "run_on_simulation_engine", lambda *a, **k: calls.append(a) or 0)
+    monkeypatch.setitem(simulate.ENGINES, "flower", lambda *a, **k: calls.append(a) or 0)
     return calls
 
 

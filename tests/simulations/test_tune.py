@@ -91,3 +91,31 @@ def test_the_fed_sb_sweep_holds_the_init_step_and_records_it(tmp_path, monkeypat
     assert methods["fed-sb"]["init_learning_rate"] == tune.INIT_STEP["bra"]
     assert methods["fedavg"]["init_learning_rate"] == 0.0
     assert "sb-init-lr held at 0.001" in write.with_suffix(".md").read_text()
+
+
+def test_a_widened_sweep_runs_only_the_new_points_and_chooses_over_all(tmp_path, monkeypatch):
+    import simulations.tune as tune
+    from simulations.quality_stats import Curve
+
+    ppl = {0.001: 30.0, 0.003: 20.0, 0.01: 25.0}
+    asked = []
+
+    def fake_run(name, args, out):
+        lr = float(args[args.index("--lr") + 1])
+        asked.append(lr)
+        return Curve(name=name, points=((0, 40.0), (1, ppl[lr])), mb_up=1.0, wall_s=1.0, status="completed", lr=lr)
+
+    monkeypatch.setattr(tune, "run_one", fake_run)
+    write, scratch = tmp_path / "tuning", str(tmp_path / "scratch")
+    common = ["--quick", "--methods", "fedavg", "--rounds", "1", "--out", scratch, "--write", str(write)]
+    assert main([*common, "--grid", "0.001,0.003"]) == 0
+    first = json.loads(write.with_suffix(".json").read_text())["methods"]["fedavg"]
+    assert first["chosen"] == 0.003 and first["at_grid_edge"]  # best at the edge: widen
+    assert main([*common, "--grid", "0.003,0.01"]) == 0
+    assert asked == [0.001, 0.003, 0.01]  # 0.003 was not run twice
+    second = json.loads(write.with_suffix(".json").read_text())["methods"]["fedavg"]
+    assert list(second["grid"]) == ["0.001", "0.003", "0.01"]
+    assert second["chosen"] == 0.003 and not second["at_grid_edge"]
+    # another size is another sweep: nothing carried over
+    assert main([*common[:4], "2", *common[5:], "--grid", "0.01"]) == 0
+    assert json.loads(write.with_suffix(".json").read_text())["methods"]["fedavg"]["grid"] == {"0.01": 25.0}

@@ -56,6 +56,15 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def new_token() -> str:
+    """256 random bits, URL-safe; never starting with '-', which a command line reads as an option
+    (``fedlora client enroll --token -x...`` failed with "expected one argument", 1 token in 64)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 class TokenRefused(Exception):
     """A token that is unknown (forged, mistyped, revoked), spent or expired; the reason is safe to show."""
 
@@ -98,7 +107,7 @@ class TokenStore:
             db.close()
 
     def issue(self, *, name: str, valid_for: float, now: float | None = None) -> str:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         issued = time.time() if now is None else now
         with self._db() as db:
             db.execute("INSERT INTO invitations VALUES (?, ?, ?, ?, NULL, NULL)",

@@ -151,3 +151,14 @@ def test_the_registry_names_an_address_that_does_not_answer(pki):
     address = f"127.0.0.1:{free_port()}"
     with pytest.raises(RegistryError, match=address):
         NodeRegistry(address=address, ca=pki.ca_cert).nodes()
+
+
+def test_no_token_starts_with_a_dash(monkeypatch):
+    # a token "-x..." is read by argparse as an option: `enroll --token -x...` failed to parse
+    import secrets
+
+    from cli import enrollment
+
+    drawn = iter(["-AAAA", "-BBBB", "CCCC"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(drawn))
+    assert enrollment.new_token() == "CCCC"

@@ -134,8 +134,8 @@ def test_the_report_renders_in_headless_chromium(tmp_path):
 
 @pytest.mark.parametrize("kind, details, needle", [
     ("server-public", {"calibration-ids": ["a", "b", "c"], "evaluation-ids": ["d"]},
-     "init server-public (LoRA-SB): 3 calibration examples, none of them evaluated on; 1.5 s, 0.00 MB down, "
-     "0.00 MB up"),
+     "init server-public (LoRA-SB): 3 calibration examples, none of them evaluated on; 1.5 s, 2.00 MB down, "
+     "3.00 MB up"),
     ("federated", {"nodes": [{"node": "n1", "status": "ok"}, {"node": "n2", "status": "declined"},
                              {"node": "n3", "status": "ok"}]},
      "init federated (LoRA-SB): sketches from 2 nodes; 1.5 s, 2.00 MB down, 3.00 MB up"),

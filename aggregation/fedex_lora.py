@@ -35,6 +35,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -62,6 +63,10 @@ class FedExLoRA:
     adapter_kind = FedAvg.adapter_kind
     weighted_sum = "its residual base update is a product of client factors, not a sum"
     accepts_calibration = False
+    recommended = Recommended(
+        learning_rate=0.0015, source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; "
+                                    "grid 0.0005..0.01)",
+        paper="FedEx-LoRA (arXiv 2410.09432): its rate not checked offline")
 
     def __init__(self) -> None:
         # The adapter half is FedAvg, unchanged: state, downlink and deltas are its own.

@@ -29,6 +29,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     check_rank,
     WeightedSum,
     Aggregation,
@@ -74,6 +75,10 @@ class FFALoRA:
     adapter_kind = "lora"
     weighted_sum = WeightedSum(coverage={"B": "cols"}, renormalised=False)
     accepts_calibration = False
+    recommended = Recommended(
+        learning_rate=0.004, source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; "
+                                    "grid 0.0015..0.01)",
+        paper="FFA-LoRA (arXiv 2403.12313): its rate not checked offline")
 
     def init_state(self, spec: ModelSpec) -> FrozenAState:
         # B = 0: the initial update is zero, as with PEFT's default init

@@ -39,6 +39,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -92,6 +93,10 @@ class FlexLoRA:
     adapter_kind = "lora"
     weighted_sum = "its SVD truncation is nonlinear in the uploads"
     accepts_calibration = False
+    recommended = Recommended(
+        learning_rate=0.004, source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; "
+                                    "grid 0.0015..0.01)",
+        paper="FlexLoRA (arXiv 2402.11505): its rate not checked offline")
 
     def __init__(self, *, split: str = "b") -> None:
         if split not in ("b", "sqrt"):

@@ -45,6 +45,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -109,6 +110,10 @@ class FLoRA:
     weighted_sum = ("its aggregate is a concatenation (stack) of the clients' factors, so every client's "
                     "factors are released verbatim; noise on a sum cannot hide them")
     accepts_calibration = False
+    recommended = Recommended(
+        learning_rate=0.01, source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; "
+                                    "grid 0.0015..0.025)",
+        paper="FLoRA (arXiv 2409.05976): its rate not checked offline")
 
     def init_state(self, spec: ModelSpec) -> FloraState:
         shapes = {name: (s.d_out, s.d_in) for name, s in sorted(spec.modules.items())}

@@ -47,6 +47,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     Aggregation,
     ClientInfo,
     ClientUpdate,
@@ -99,6 +100,10 @@ class HetLoRA:
     adapter_kind = "lora"
     weighted_sum = "its norm-based weights depend on the uploads themselves"
     accepts_calibration = False
+    recommended = Recommended(
+        learning_rate=0.004, source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; "
+                                    "grid 0.0015..0.01)",
+        paper="HetLoRA (arXiv 2401.06432): its rate not checked offline")
 
     def __init__(self, *, weight_by_examples: bool = False) -> None:
         self.weight_by_examples = weight_by_examples

@@ -71,6 +71,7 @@ import numpy as np
 
 from aggregation import register
 from aggregation.base import (
+    Recommended,
     WeightedSum,
     Aggregation,
     ClientInfo,
@@ -273,6 +274,10 @@ class LoraFair:
     adapter_kind: ClassVar[str] = "lora"
     weighted_sum: ClassVar[WeightedSum | str] = "its correction solves a least-squares problem over the client factors (nonlinear)"
     accepts_calibration: ClassVar[bool] = False
+    recommended = Recommended(
+        learning_rate=0.01, source="simulations/tuning.json (python -m simulations.tune, 2026-12-01; "
+                                    "grid 0.0015..0.025)",
+        paper="LoRA-FAIR (arXiv 2411.14961): its rate not checked offline")
 
     solver: str = "closed-form"
     ridge: float = 0.0

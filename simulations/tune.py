@@ -34,8 +34,9 @@ from simulations.bench_quality import DEFAULT, QUICK, SCENARIOS, QUICK_SCENARIOS
 BENCH_SEEDS = (0, 1, 2)
 EVAL_FRACTION = 0.1  # the run config's eval-fraction default, as the benchmark uses it
 #: the sweep per adapter kind (a class attribute): LoRA's A and B; Fed-SB's R between frozen factors
-#: (2026-11: lr 1e-2 was 3.4x worse than 1e-3 for FedAvg, so the LoRA grid stops below it)
-GRIDS = {"lora": (5e-4, 1.5e-3, 4e-3), "bra": (3e-3, 1e-2, 3e-2, 1e-1)}
+#: (the 2026-12-01 sweep's union: every LoRA method's best lay inside it but FLoRA's and
+#: LoRA-FAIR's, whose 2.5e-2 diverged; see tuning.md)
+GRIDS = {"lora": (5e-4, 1.5e-3, 4e-3, 1e-2), "bra": (3e-3, 1e-2, 3e-2, 1e-1)}
 #: Fed-SB's init step (sb-init-lr) during its sweep: held at LoRA's usual rate, so the sweep moves
 #: R's rate alone (at lr 1e-2 the init's sign step had taken validation ppl 39.6 -> 636)
 INIT_STEP = {"bra": 1e-3}
@@ -100,7 +101,8 @@ def write_table(results: dict, path: Path, command: str) -> None:
         init = f" (sb-init-lr held at {r['init_learning_rate']:g})" if r.get("init_learning_rate") else ""
         lines.append(f"| {name} | {r['size']}, ranks {r['ranks']}, seed {r['seed']} | {grid}{init} | {r['chosen']} | "
                      f"{'yes: widen' if r['at_grid_edge'] else 'no'} | {paper or 'not recorded'} |")
-    lines += ["", *results.get("notes", [])]
+    for note in results.get("notes", []):  # each its own paragraph
+        lines += ["", note]
     path.write_text("\n".join(lines) + "\n")
 
 

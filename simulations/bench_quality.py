@@ -133,10 +133,37 @@ def run_one(name: str, args: list[str], out: Path) -> Curve:
                                  .order_by(Run.id.desc())).first()
         if run_id is None:
             return Curve(name=name, points=(), mb_up=0.0, wall_s=wall, status=f"failed (exit {code})", lr=math.nan)
-        s = load_series(session, run_id)
+        return _curve(session, run_id, name, wall)
+
+
+def _curve(session: Session, run_id: int, name: str, wall: float) -> Curve:
+    s = load_series(session, run_id)
     lr = float(s.config.get("learning-rate", math.nan))
     return Curve(name=name, points=tuple(zip(s.eval_rounds, s.eval_ppl)), mb_up=sum(s.mb_up), wall_s=wall,
                  status=s.status, lr=lr)
+
+
+def recorded_run(name: str, args: list[str], out: Path) -> Curve | None:
+    """A completed run of exactly this experiment in the benchmark's database, else None (``--reuse``).
+
+    Same experiment: the run config ``fedlora simulate`` would record for ``args`` equals the
+    recorded one on every key but the run's tag and where it is stored (the keys a resume may
+    change, ``server.checkpoint.VOLATILE_KEYS``). An interrupted benchmark then continues where
+    it stopped instead of running its finished runs again.
+    """
+    from cli.app import build_parser
+    from cli.simulate import config_from_args
+    from server.checkpoint import config_differences
+
+    requested = config_from_args(build_parser().parse_args(args)).to_flower()
+    with Session(open_database(f"sqlite:///{out / 'quality.db'}")) as session:
+        for run in session.scalars(select(Run).where(Run.aggregator == name, Run.status == "completed")
+                                   .order_by(Run.id.desc())):
+            if set(config_differences(dict(run.config), requested)) <= {"run-tag"}:
+                wall = (run.finished_at - run.started_at).total_seconds() if run.finished_at else math.nan
+                print(f"  {name}: reusing run {run.id} (same config, completed)", flush=True)
+                return _curve(session, run.id, name, wall)
+    return None
 
 
 def eval_rounds(size: Size) -> list[int]:
@@ -186,8 +213,8 @@ def dp_flags(out: Path, name: str, epsilon: float, seed: int) -> list[str]:
 
 
 def run_table(names: list[str], size: Size, *, scenario: str, seeds: list[int], out: Path, epsilon: float = 0.0,
-              with_references: bool = True, engine: str = "inprocess", extra: dict[str, list[str]] | None = None
-              ) -> list[Summary]:
+              with_references: bool = True, engine: str = "inprocess", extra: dict[str, list[str]] | None = None,
+              reuse: bool = False) -> list[Summary]:
     """Every method over every seed in one scenario (and DP level), summarised.
 
     ``extra`` maps a row label to (aggregator, extra flags): e.g. Fed-SB with another init.
@@ -199,7 +226,7 @@ def run_table(names: list[str], size: Size, *, scenario: str, seeds: list[int], 
         for label, name, flags in rows:
             args = (simulate_args(name, size, ranks=ranks, seed=seed, out=out, engine=engine) + flags
                     + dp_flags(out, label, epsilon, seed))
-            curve = run_one(name, args, out)
+            curve = (reuse and recorded_run(name, args, out)) or run_one(name, args, out)
             runs.setdefault(label, []).append(replace(curve, name=label))
         if with_references:
             for ref in references(size, seed, ranks=ranks, private_run=bool(epsilon)):
@@ -221,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sb-inits", default="", help="comma list of Fed-SB inits to add as rows beside the "
                                                        f"default one ({', '.join(SB_INITS)}), in the mixed-rank "
                                                        "tables (where Fed-SB's claim is checked)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a completed run of the same config from --out's database instead of running it "
+                             "again (an interrupted benchmark continues)")
     parser.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"),
                         help="fedlora simulate's --engine (inprocess: no Flower engine start per run)")
     args = parser.parse_args(argv)
@@ -247,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             # the homogeneous control: only the methods whose claims it checks, of those asked for
             chosen = names if scenario != "homogeneous" else [n for n in names if n in CONTROL_METHODS]
             tables[label] = run_table(chosen, size, scenario=scenario, seeds=seeds, out=args.out, epsilon=epsilon,
-                                      engine=args.engine, extra=extra if scenario == "mixed" else None)
+                                      engine=args.engine, extra=extra if scenario == "mixed" else None,
+                                      reuse=args.reuse)
     header = (f"{size.describe()}; seeds {','.join(map(str, seeds))}; each method at its recommended lr; "
               f"fed-sb rows without an init named use sb-init {SB_INITS[0]}; engine {args.engine}")
     verdicts = claims(tables)

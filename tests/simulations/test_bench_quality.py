@@ -54,6 +54,19 @@ def test_quick_quality_benchmark_has_a_finite_row_per_method(tmp_path):
             "random", "server-public"]
     assert "sb-init server-public" in (tmp_path / "quality.md").read_text()
 
+    # --reuse: every run of the same config is taken from the database, none runs again
+    before = (tmp_path / "quality.csv").read_text()
+    assert main(["--quick", "--out", str(tmp_path), "--aggregators", ",".join(METHODS), "--sb-inits", "random",
+                 "--reuse"]) == 0
+    with Session(open_database(f"sqlite:///{tmp_path / 'quality.db'}")) as s:
+        assert s.scalar(select(func.count()).select_from(Run)) == 3
+    again = {row[1]: row[3] for row in list(csv.reader((tmp_path / "quality.csv").open()))[1:]}
+    assert again == {row[1]: row[3] for row in list(csv.reader(before.splitlines()))[1:]}
+    # another seed is another experiment: it runs
+    assert main(["--quick", "--out", str(tmp_path), "--aggregators", "fedavg", "--seeds", "1", "--reuse"]) == 0
+    with Session(open_database(f"sqlite:///{tmp_path / 'quality.db'}")) as s:
+        assert s.scalar(select(func.count()).select_from(Run)) == 4
+
 
 def test_the_benchmark_runs_on_flowers_engine_too(tmp_path):
     assert main(["--quick", "--out", str(tmp_path), "--aggregators", "fedavg", "--engine", "flower"]) == 0

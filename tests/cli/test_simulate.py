@@ -169,4 +169,4 @@ def test_the_demo_config_runs_end_to_end_on_the_tiny_model(tmp_path):
         series = load_series(s, 1)
     assert series.status == "completed" and series.clients_ok == [8, 8, 8]
     assert series.eval_rounds == [0, 1, 2, 3]  # the demo's curve: round 0 and every round
-    assert series.config["learning-rate"] > 0  # the recommendation, recorded as the number used
+    assert series.config["learning-rate"] == 0.001  # the demo's rate (DEMO_ARGS), recorded as the number used

@@ -102,7 +102,7 @@ def preflight(cfg: RunConfig, num_clients: int) -> Engine:
 
 
 def run_on_simulation_engine(cfg: RunConfig, engine: Engine, federation: dict, *, home: str | None) -> int:
-    flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
+    flwr_home = _flwr_home(home)
     log_path = _log_path(cfg, home)
     _announce(cfg, federation["num-supernodes"])
     started = time.monotonic()
@@ -139,9 +139,12 @@ def run_in_process(cfg: RunConfig, engine: Engine, federation: dict, *, home: st
     return summarize(engine, cfg, run, elapsed=time.monotonic() - started, log_path=log_path)
 
 
+def _flwr_home(home: str | None) -> Path:
+    return Path(home or Path.cwd() / ".flwr").resolve()
+
+
 def _log_path(cfg: RunConfig, home: str | None) -> Path:
-    flwr_home = Path(home or Path.cwd() / ".flwr").resolve()
-    return flwr_home / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
+    return _flwr_home(home) / "logs" / f"run-{cfg.run_tag}-{int(time.time())}.log"
 
 
 def _announce(cfg: RunConfig, nodes: int, *, engine_label: str = "") -> None:
